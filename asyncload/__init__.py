@@ -1,0 +1,58 @@
+"""asyncload: async, memory-bounded loading of model checkpoints stored as blocks over many sources."""
+
+from __future__ import annotations
+
+from ._assemble import TensorStream
+from ._config import Limits, format_size, parse_size
+from ._exceptions import (
+    AsyncloadError,
+    BlockNotFoundError,
+    BudgetError,
+    ChecksumError,
+    ClosedError,
+    FormatError,
+    HeaderError,
+    IntegrityError,
+    ManifestError,
+    SourceError,
+    SourceUnavailableError,
+    TruncatedBlockError,
+    UnsupportedDtypeError,
+)
+from ._format import Manifest, TensorInfo
+from ._loader import LoaderStatistics, Model, load, open, save
+from ._tools import VerifyReport, pack, unpack, verify
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncloadError",
+    "BlockNotFoundError",
+    "BudgetError",
+    "ChecksumError",
+    "ClosedError",
+    "FormatError",
+    "HeaderError",
+    "IntegrityError",
+    "Limits",
+    "LoaderStatistics",
+    "Manifest",
+    "ManifestError",
+    "Model",
+    "SourceError",
+    "SourceUnavailableError",
+    "TensorInfo",
+    "TensorStream",
+    "TruncatedBlockError",
+    "UnsupportedDtypeError",
+    "VerifyReport",
+    "__version__",
+    "format_size",
+    "load",
+    "open",
+    "pack",
+    "parse_size",
+    "save",
+    "unpack",
+    "verify",
+]

@@ -1,0 +1,326 @@
+"""Slots -> tensors: copy-out into owned arrays, or zero-copy leases on a slot.
+
+Memory rule. Bytes live in three places: the ring (S, fixed), output arrays
+being assembled or waiting for the consumer (the *assembly allowance* A), and
+arrays the consumer holds (its business). A tensor gets its output array only
+by reserving its size from A, and reservations are granted in stream order,
+one tensor at a time; the head of the queue always gets one when nothing else
+is reserved, so a tensor larger than A (or than S) still loads, piece by
+piece. A reservation is returned when the consumer takes the tensor. With
+A = max(largest tensor, slot size), a streaming consumer that drops each
+array peaks at about S + largest tensor. Because reservations follow stream
+order and reads are issued in stream order, the tensor holding the allowance
+always has its blocks in flight, so the pipeline cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+import numpy as np
+
+from ._dtypes import numpy_dtype
+from ._exceptions import ClosedError
+from ._format import BlockRef, TensorInfo
+from ._plan import BlockPlan, LoadPlan, Segment
+from ._ring import Ring, Slot
+from ._scheduler import INLINE_BYTES, BlockReader, unwrap_group
+
+__all__ = ["AssemblyStatistics", "TensorStream"]
+
+
+@dataclass(frozen=True, slots=True)
+class AssemblyStatistics:
+    allowance: int
+    reserved_bytes: int
+    tensors_ready: int
+    tensors_delivered: int
+
+
+def as_array(info: TensorInfo, raw: np.ndarray) -> np.ndarray:
+    """View raw uint8 bytes as the tensor's dtype and shape (no copy)."""
+    dt = numpy_dtype(info.dtype, tensor=info.name)
+    return raw.view(dt).reshape(info.shape)
+
+
+def _copy_segments(jobs: list[tuple[np.ndarray, int, np.ndarray, int, int]]) -> None:
+    for out, t0, src, b0, n in jobs:
+        out[t0 : t0 + n] = src[b0 : b0 + n]
+
+
+class _Assembly:
+    """The per-stream state: reservations, partial tensors, the ready queue."""
+
+    def __init__(self, plan: LoadPlan, ring: Ring, *, copy: bool) -> None:
+        self.plan = plan
+        self.ring = ring
+        self.copy = copy
+        tensors = plan.tensors
+        # A tensor is leased (copy=False) when it sits whole inside one block.
+        self.leased = [not copy and p == 1 for p in plan.pieces]
+        self.order = [i for i, t in enumerate(tensors) if t.nbytes and not self.leased[i]]
+        self.pos = {ti: k for k, ti in enumerate(self.order)}
+        largest = max((tensors[i].nbytes for i in self.order), default=0)
+        self.allowance = max(largest, ring.slot_size)
+        self.next_res = 0
+        self.reserved = 0
+        self.outs: dict[int, np.ndarray] = {}
+        self.remaining = list(plan.pieces)
+        self.res_waiters: dict[int, anyio.Event] = {}
+        self.ready: deque[tuple[int, np.ndarray, Slot | None]] = deque()
+        self.delivered = 0
+        self.wakeup = anyio.Event()
+
+    # -- reservations (synchronous state) ------------------------------------------
+    def try_reserve(self, ti: int) -> bool:
+        k = self.pos[ti]
+        if k < self.next_res:
+            return True
+        if k > self.next_res:
+            return False
+        size = self.plan.tensors[ti].nbytes
+        if self.reserved and self.reserved + size > self.allowance:
+            return False
+        self.outs[ti] = np.empty(size, dtype=np.uint8)
+        self.reserved += size
+        self.next_res += 1
+        self._wake_reserver()
+        return True
+
+    def _wake_reserver(self) -> None:
+        if self.next_res < len(self.order):
+            ev = self.res_waiters.pop(self.order[self.next_res], None)
+            if ev is not None:
+                ev.set()
+
+    async def reserve(self, ti: int) -> None:
+        while not self.try_reserve(ti):
+            # Several blocks may wait for the same tensor: they share one event.
+            ev = self.res_waiters.get(ti)
+            if ev is None:
+                ev = self.res_waiters[ti] = anyio.Event()
+            await ev.wait()
+
+    # -- ready queue -------------------------------------------------------------------
+    def push(self, ti: int, raw: np.ndarray, lease: Slot | None) -> None:
+        self.ready.append((ti, raw, lease))
+        self.wakeup.set()
+
+    def take(self) -> tuple[int, np.ndarray, Slot | None] | None:
+        if not self.ready:
+            return None
+        ti, raw, lease = self.ready.popleft()
+        if lease is None and ti in self.outs:
+            del self.outs[ti]
+            self.reserved -= self.plan.tensors[ti].nbytes
+            self._wake_reserver()
+        self.delivered += 1
+        return ti, raw, lease
+
+    def drop_leases(self) -> None:
+        while self.ready:
+            _, _, lease = self.ready.popleft()
+            if lease is not None:
+                self.ring.release(lease)
+
+    # -- one block -----------------------------------------------------------------
+    async def on_block(self, bp: BlockPlan, slot: Slot) -> None:
+        try:
+            jobs: list[tuple[np.ndarray, int, np.ndarray, int, int]] = []
+            done: list[Segment] = []
+            for seg in bp.segments:
+                ti = seg.tensor
+                if self.leased[ti]:
+                    self.ring.retain(slot)
+                    view = slot.memory[seg.block_start : seg.block_start + seg.length]
+                    self.push(ti, view, slot)
+                    continue
+                if not self.try_reserve(ti):
+                    await self._flush(jobs, done)
+                    await self.reserve(ti)
+                jobs.append((self.outs[ti], seg.tensor_start, slot.memory, seg.block_start, seg.length))
+                done.append(seg)
+            await self._flush(jobs, done)
+        finally:
+            self.ring.release(slot)
+
+    async def _flush(self, jobs: list[Any], done: list[Segment]) -> None:
+        if not jobs:
+            return
+        if sum(j[4] for j in jobs) <= INLINE_BYTES:
+            _copy_segments(jobs)
+        else:
+            await anyio.to_thread.run_sync(_copy_segments, list(jobs))
+        for seg in done:
+            self.remaining[seg.tensor] -= 1
+            if self.remaining[seg.tensor] == 0:
+                self.push(seg.tensor, self.outs[seg.tensor], None)
+        jobs.clear()
+        done.clear()
+
+
+class TensorStream:
+    """``async for name, array in model.stream()``: tensors as their blocks complete.
+
+    The reads run in a task of the model's task group, in their own cancel
+    scope. Leaving the loop early (break, an exception, cancellation) and then
+    closing the stream — explicitly with ``aclose()``/``async with``, or
+    implicitly when the stream is garbage collected, the next stream starts or
+    the model closes — cancels every read and releases every slot.
+
+    With ``copy=False`` a tensor that sits inside one block is returned as a
+    read-only view into its slot (a zero-copy lease), valid until the next
+    item is requested or the stream closes; the others are owned arrays.
+    """
+
+    def __init__(
+        self,
+        plan: LoadPlan,
+        reader: BlockReader,
+        spawn: Callable[[Callable[[], Any]], None],
+        *,
+        copy: bool,
+        on_finish: Callable[[TensorStream], None],
+    ) -> None:
+        self._plan = plan
+        self._reader = reader
+        self._spawn = spawn
+        self._asm = _Assembly(plan, reader.ring, copy=copy)
+        self._on_finish = on_finish
+        self._scope: anyio.CancelScope | None = None
+        self._done = anyio.Event()
+        self._started = False
+        self._finished = False
+        self._closed = False
+        self._error: BaseException | None = None
+        self._lease: Slot | None = None
+        self._blocks: dict[int, BlockPlan] = {bp.block.index: bp for bp in plan.blocks}
+
+    # -- producer --------------------------------------------------------------------
+    async def _produce(self) -> None:
+        asm = self._asm
+        try:
+            with anyio.CancelScope() as scope:
+                self._scope = scope
+                for ti, t in enumerate(self._plan.tensors):
+                    if t.nbytes == 0:
+                        asm.push(ti, np.empty(0, dtype=np.uint8), None)
+
+                async def on_block(block: BlockRef, slot: Slot) -> None:
+                    await asm.on_block(self._blocks[block.index], slot)
+
+                await self._reader.run([bp.block for bp in self._plan.blocks], on_block)
+        except Exception as exc:  # surfaced to the consumer, not to the model's task group
+            self._error = unwrap_group(exc)
+        finally:
+            self._finished = True
+            if self._closed:
+                asm.drop_leases()
+            self._done.set()
+            asm.wakeup.set()
+            self._on_finish(self)
+
+    def _start(self) -> None:
+        if self._closed:
+            raise ClosedError("this stream is closed")
+        self._started = True
+        self._spawn(self._produce)
+
+    # -- consumer --------------------------------------------------------------------
+    def __aiter__(self) -> TensorStream:
+        return self
+
+    async def __anext__(self) -> tuple[str, np.ndarray]:
+        if self._closed:
+            raise StopAsyncIteration
+        if not self._started:
+            self._start()
+        self._release_lease()
+        asm = self._asm
+        while True:
+            item = asm.take()
+            if item is not None:
+                ti, raw, lease = item
+                info = self._plan.tensors[ti]
+                try:
+                    arr = as_array(info, raw)
+                except BaseException:
+                    if lease is not None:
+                        self._reader.ring.release(lease)
+                    await self.aclose()
+                    raise
+                if lease is not None:
+                    self._lease = lease
+                    arr.flags.writeable = False
+                return info.name, arr
+            if self._error is not None:
+                err, self._error = self._error, None
+                await self.aclose()
+                raise err
+            if self._finished:
+                await self.aclose()
+                raise StopAsyncIteration
+            asm.wakeup = anyio.Event()
+            await asm.wakeup.wait()
+
+    def _release_lease(self) -> None:
+        if self._lease is not None:
+            lease, self._lease = self._lease, None
+            self._reader.ring.release(lease)
+
+    def cancel(self) -> None:
+        """Stop the reads now (synchronous); slots come back as the reads unwind."""
+        self._closed = True
+        self._release_lease()
+        if self._scope is not None:
+            self._scope.cancel()
+        if self._finished:
+            self._asm.drop_leases()
+
+    async def aclose(self) -> None:
+        """Cancel outstanding reads and wait until every slot is back in the ring."""
+        self.cancel()
+        if self._started and not self._finished:
+            with anyio.CancelScope(shield=True):
+                await self._done.wait()
+        self._asm.drop_leases()
+
+    async def __aenter__(self) -> TensorStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    @property
+    def active(self) -> bool:
+        return self._started and not self._finished
+
+    @property
+    def closing(self) -> bool:
+        return self._closed
+
+    async def wait_closed(self) -> None:
+        if self._started and not self._finished:
+            with anyio.CancelScope(shield=True):
+                await self._done.wait()
+
+    def statistics(self) -> AssemblyStatistics:
+        a = self._asm
+        return AssemblyStatistics(a.allowance, a.reserved, len(a.ready), a.delivered)
+
+    def __del__(self) -> None:
+        if self._started and not self._finished and not self._closed:
+            try:
+                self.cancel()
+            except Exception:  # noqa: S110 - interpreter or loop shutting down
+                pass
+
+
+_live: weakref.WeakSet[TensorStream] = weakref.WeakSet()

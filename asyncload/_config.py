@@ -1,0 +1,103 @@
+"""Small value objects and size parsing; the public entry points own the defaults."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ._exceptions import BudgetError
+
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "DEFAULT_BUDGET",
+    "DEFAULT_READS_PER_SOURCE",
+    "MIN_BLOCK_SIZE",
+    "Limits",
+    "format_size",
+    "parse_size",
+]
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+
+DEFAULT_BLOCK_SIZE = 16 * MiB
+MIN_BLOCK_SIZE = 4 * KiB
+DEFAULT_BUDGET = 256 * MiB
+DEFAULT_READS_PER_SOURCE = 4
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": KiB,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": MiB,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": GiB,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1 << 40,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: int | str, *, what: str = "size") -> int:
+    """Return a byte count from an int or a string such as ``"256MiB"`` or ``"1.5GB"``."""
+    if isinstance(value, bool):
+        raise BudgetError(f"{what}: expected bytes as int or str, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise BudgetError(f"{what}: must not be negative, got {value}")
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m is None or m.group(2).lower() not in _UNITS:
+            raise BudgetError(f"{what}: cannot parse {value!r} (use e.g. 4096, '16MiB', '1GiB')")
+        return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    raise BudgetError(f"{what}: expected bytes as int or str, got {type(value).__name__}")
+
+
+def format_size(n: int) -> str:
+    """Human-readable binary size, e.g. ``16.0 MiB``."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """How much memory and concurrency a load or save may use.
+
+    ``budget`` is S, the total bytes of the slot ring; ``block_size`` is m, the
+    size of one slot. ``reads_per_source`` bounds concurrent reads (or writes) on
+    one source.
+    """
+
+    budget: int = DEFAULT_BUDGET
+    block_size: int = DEFAULT_BLOCK_SIZE
+    reads_per_source: int = DEFAULT_READS_PER_SOURCE
+
+    def check(self, sources: int) -> None:
+        """Raise :class:`BudgetError` unless the ring holds one slot per source."""
+        if self.block_size < 1:
+            raise BudgetError(f"block size must be positive, got {self.block_size}")
+        if self.reads_per_source < 1:
+            raise BudgetError(f"reads_per_source must be >= 1, got {self.reads_per_source}")
+        need = sources * self.block_size
+        if self.budget < need:
+            raise BudgetError(
+                f"budget S={self.budget} bytes ({format_size(self.budget)}) is smaller than "
+                f"k x m = {sources} sources x {self.block_size} bytes block size = {need} bytes "
+                f"({format_size(need)}); raise the budget or lower the block size"
+            )
+
+    @property
+    def slots(self) -> int:
+        return self.budget // self.block_size

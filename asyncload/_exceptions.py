@@ -1,0 +1,94 @@
+"""The one exception tree of asyncload.
+
+Every error asyncload raises on purpose derives from :class:`AsyncloadError`.
+Where a standard exception type describes the same situation, the class also
+derives from it, so ``except FileNotFoundError`` or ``except ValueError`` keep
+working for callers who do not know asyncload::
+
+    AsyncloadError
+    ├── BudgetError (ValueError)            budget too small for k sources x block size
+    ├── FormatError (ValueError)            input that does not follow a documented format
+    │   ├── ManifestError                   malformed / unsupported manifest
+    │   └── HeaderError                     malformed safetensors header or index
+    ├── UnsupportedDtypeError (TypeError)   a dtype that cannot become a numpy array
+    ├── SourceError (OSError)               a storage source failed
+    │   ├── BlockNotFoundError (FileNotFoundError)   block or source missing
+    │   └── SourceUnavailableError          source could not be reached / read
+    ├── IntegrityError                      bytes read do not match what the manifest says
+    │   ├── ChecksumError                   crc32c mismatch
+    │   └── TruncatedBlockError             block shorter than the manifest says
+    └── ClosedError (RuntimeError)          the model or stream was used after close
+
+Messages name the file, block and source involved; they never contain
+credentials or key material.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AsyncloadError",
+    "BlockNotFoundError",
+    "BudgetError",
+    "ChecksumError",
+    "ClosedError",
+    "FormatError",
+    "HeaderError",
+    "IntegrityError",
+    "ManifestError",
+    "SourceError",
+    "SourceUnavailableError",
+    "TruncatedBlockError",
+    "UnsupportedDtypeError",
+]
+
+
+class AsyncloadError(Exception):
+    """Root of every exception asyncload raises on purpose."""
+
+
+class BudgetError(AsyncloadError, ValueError):
+    """The memory budget cannot hold one block per source (S < k x m), or a size is invalid."""
+
+
+class FormatError(AsyncloadError, ValueError):
+    """Input does not follow one of the formats asyncload reads."""
+
+
+class ManifestError(FormatError):
+    """A manifest is malformed, inconsistent or of an unsupported version."""
+
+
+class HeaderError(FormatError):
+    """A safetensors header (or a Hugging Face index) is malformed or inconsistent."""
+
+
+class UnsupportedDtypeError(AsyncloadError, TypeError):
+    """A tensor's dtype has no numpy equivalent; its bytes are still kept and copied."""
+
+
+class SourceError(AsyncloadError, OSError):
+    """A storage source failed to read or write a block."""
+
+
+class BlockNotFoundError(SourceError, FileNotFoundError):
+    """A block, its file, or the whole source location is missing."""
+
+
+class SourceUnavailableError(SourceError):
+    """A source could not be reached or returned an I/O error."""
+
+
+class IntegrityError(AsyncloadError):
+    """Bytes read from a source do not match what the manifest records."""
+
+
+class ChecksumError(IntegrityError):
+    """A block's crc32c does not match the manifest."""
+
+
+class TruncatedBlockError(IntegrityError):
+    """A block is shorter (or longer) than the manifest records."""
+
+
+class ClosedError(AsyncloadError, RuntimeError):
+    """A model, stream or source was used after it was closed."""

@@ -1,0 +1,425 @@
+"""The data model and the two on-disk formats asyncload reads: safetensors headers and manifests.
+
+Pure: no I/O. Parsers take bytes and return frozen value objects or raise a
+:class:`~asyncload.FormatError` subclass *before* allocating anything whose
+size comes from the input.
+
+A checkpoint is a *byte stream*: the concatenation of one or more files (a
+single ``.safetensors`` file, or the shards and the index of a Hugging Face
+model directory). The stream is cut into blocks; each block lives on one
+source under one key. Tensor byte ranges are absolute offsets in the stream.
+See docs/format.md for the manifest schema.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._dtypes import expected_nbytes
+from ._exceptions import HeaderError, ManifestError
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MAX_HEADER_SIZE",
+    "BlockRef",
+    "FileEntry",
+    "Manifest",
+    "SafetensorsHeader",
+    "SourceRef",
+    "TensorInfo",
+    "build_header",
+    "parse_header",
+    "parse_header_length",
+    "parse_hf_index",
+]
+
+FORMAT_NAME = "asyncload.manifest"
+FORMAT_VERSION = 1
+MAX_HEADER_SIZE = 100 * 1024 * 1024  # the limit safetensors itself enforces
+MAX_MANIFEST_SIZE = 1 << 30
+_MAX_DIMS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """One tensor: its safetensors dtype string, shape and absolute byte range in the stream."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True, slots=True)
+class SafetensorsHeader:
+    """A parsed safetensors header; offsets in ``tensors`` are relative to the file start."""
+
+    header_size: int  # 8 + length of the JSON text: where the data section starts
+    data_size: int  # bytes after the header that tensors may occupy
+    tensors: tuple[TensorInfo, ...]
+    metadata: Mapping[str, str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRef:
+    """A storage source named in a manifest: an id and a location (dir, later URL)."""
+
+    id: str
+    location: str
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRef:
+    """One block: stream range [offset, offset+length) stored on ``source`` under ``key``.
+
+    ``key_offset`` is where the block starts inside the stored object (0 for
+    packed blocks; the file offset when a plain safetensors file is read in place).
+    ``crc32c`` is None only for blocks read in place from files that carry no checksum.
+    """
+
+    index: int
+    source: str
+    key: str
+    offset: int
+    length: int
+    crc32c: int | None
+    key_offset: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    """A file of the original checkpoint: its relative path and range in the stream."""
+
+    path: str
+    offset: int
+    size: int
+    kind: str  # "safetensors" or "index"
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """Everything a loader needs: tensors, files, sources and blocks. Immutable."""
+
+    id: str
+    block_size: int
+    total_size: int
+    files: tuple[FileEntry, ...]
+    tensors: tuple[TensorInfo, ...]
+    sources: tuple[SourceRef, ...]
+    blocks: tuple[BlockRef, ...]
+    version: int = FORMAT_VERSION
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        """Canonical JSON bytes (sorted keys, no NaN), as written to disk."""
+        doc: dict[str, Any] = {
+            "format": FORMAT_NAME,
+            "version": self.version,
+            "id": self.id,
+            "block_size": self.block_size,
+            "total_size": self.total_size,
+            "files": [
+                {"path": f.path, "offset": f.offset, "size": f.size, "kind": f.kind}
+                for f in self.files
+            ],
+            "tensors": [
+                {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "offsets": [t.begin, t.end]}
+                for t in self.tensors
+            ],
+            "sources": [{"id": s.id, "location": s.location} for s in self.sources],
+            "blocks": [_block_json(b) for b in self.blocks],
+        }
+        if self.extra:
+            doc["extra"] = dict(self.extra)
+        return (json.dumps(doc, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str, *, name: str = "manifest") -> Manifest:
+        """Parse and validate manifest bytes; raise :class:`ManifestError` naming ``name``."""
+        return _parse_manifest(data, name)
+
+
+def _block_json(b: BlockRef) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "source": b.source,
+        "key": b.key,
+        "offset": b.offset,
+        "length": b.length,
+        "crc32c": None if b.crc32c is None else f"{b.crc32c:08x}",
+    }
+    if b.key_offset:
+        out["key_offset"] = b.key_offset
+    return out
+
+
+# --------------------------------------------------------------------------- safetensors
+
+
+def parse_header_length(prefix: bytes, *, file_size: int, name: str) -> int:
+    """The JSON length N from a file's first 8 bytes, checked against the file size."""
+    if file_size < 8 or len(prefix) < 8:
+        raise HeaderError(f"{name}: too short to be a safetensors file ({file_size} bytes)")
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n > MAX_HEADER_SIZE:
+        raise HeaderError(f"{name}: header declares {n} bytes, more than the {MAX_HEADER_SIZE} limit")
+    if 8 + n > file_size:
+        raise HeaderError(f"{name}: header declares {n} bytes but the file has {file_size - 8} after the length")
+    return int(n)
+
+
+def _check_shape(raw: Any, where: str, exc: type[Exception]) -> tuple[int, ...]:
+    if not isinstance(raw, list) or len(raw) > _MAX_DIMS:
+        raise exc(f"{where}: shape must be a list of at most {_MAX_DIMS} integers")
+    for d in raw:
+        if type(d) is not int or d < 0:
+            raise exc(f"{where}: shape entries must be non-negative integers, got {d!r}")
+    return tuple(raw)
+
+
+def parse_header(data: bytes, *, file_size: int, name: str = "safetensors file") -> SafetensorsHeader:
+    """Parse ``data`` (at least the first 8 + N bytes of a safetensors file) and validate it.
+
+    Checks: JSON object, dtype strings, shapes, offsets inside the data section,
+    byte lengths that match dtype x shape for known dtypes, no overlaps.
+    """
+    n = parse_header_length(data, file_size=file_size, name=name)
+    if len(data) < 8 + n:
+        raise HeaderError(f"{name}: header truncated ({len(data) - 8} of {n} bytes)")
+    try:
+        doc = json.loads(data[8 : 8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise HeaderError(f"{name}: header is not valid UTF-8 JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise HeaderError(f"{name}: header must be a JSON object")
+    data_size = file_size - 8 - n
+    metadata = doc.pop("__metadata__", None)
+    if metadata is not None and (
+        not isinstance(metadata, dict)
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    ):
+        raise HeaderError(f"{name}: __metadata__ must map strings to strings")
+    tensors: list[TensorInfo] = []
+    for tname, entry in doc.items():
+        where = f"{name}: tensor {tname!r}"
+        if not isinstance(entry, dict):
+            raise HeaderError(f"{where}: entry must be an object")
+        dtype = entry.get("dtype")
+        if not isinstance(dtype, str) or not dtype or len(dtype) > 64:
+            raise HeaderError(f"{where}: dtype must be a non-empty string")
+        shape = _check_shape(entry.get("shape"), where, HeaderError)
+        offs = entry.get("data_offsets")
+        if (
+            not isinstance(offs, list)
+            or len(offs) != 2
+            or not all(type(o) is int for o in offs)
+            or not 0 <= offs[0] <= offs[1] <= data_size
+        ):
+            raise HeaderError(
+                f"{where}: data_offsets {offs!r} must be [begin, end] within the {data_size}-byte data section"
+            )
+        want = expected_nbytes(dtype, shape)
+        if want is not None and want != offs[1] - offs[0]:
+            raise HeaderError(
+                f"{where}: {dtype} {list(shape)} needs {want} bytes but data_offsets span {offs[1] - offs[0]}"
+            )
+        tensors.append(TensorInfo(tname, dtype, shape, 8 + n + offs[0], 8 + n + offs[1]))
+    tensors.sort(key=lambda t: (t.begin, t.end))
+    _check_no_overlap(tensors, name, HeaderError)
+    return SafetensorsHeader(8 + n, data_size, tuple(tensors), metadata)
+
+
+def _check_no_overlap(tensors: Sequence[TensorInfo], name: str, exc: type[Exception]) -> None:
+    for a, b in zip(tensors, tensors[1:], strict=False):
+        if b.begin < a.end:
+            raise exc(f"{name}: tensors {a.name!r} and {b.name!r} overlap")
+
+
+def build_header(
+    entries: Sequence[tuple[str, str, tuple[int, ...], int]],
+    metadata: Mapping[str, str] | None = None,
+) -> bytes:
+    """Serialize a safetensors header for (name, dtype, shape, nbytes) laid out in order.
+
+    The JSON is padded with spaces to a multiple of 8 bytes so that the data
+    section stays 8-byte aligned, as safetensors does.
+    """
+    doc: dict[str, Any] = {}
+    if metadata:
+        doc["__metadata__"] = dict(metadata)
+    pos = 0
+    for name, dtype, shape, nbytes in entries:
+        if name in doc:
+            raise HeaderError(f"duplicate tensor name {name!r}")
+        doc[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        pos += nbytes
+    text = json.dumps(doc, separators=(",", ":")).encode()
+    text += b" " * (-(len(text) + 8) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def parse_hf_index(data: bytes, *, name: str) -> dict[str, str]:
+    """The ``weight_map`` (tensor -> shard file) of a ``model.safetensors.index.json``."""
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise HeaderError(f"{name}: not valid JSON ({e})") from None
+    wm = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(wm, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in wm.items()
+    ):
+        raise HeaderError(f"{name}: needs a 'weight_map' object of tensor name -> shard file")
+    return wm
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def _req(doc: Mapping[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
+    if key not in doc:
+        raise ManifestError(f"{where}: missing field {key!r}")
+    val = doc[key]
+    if not isinstance(val, typ) or (typ is int and isinstance(val, bool)):
+        raise ManifestError(f"{where}: field {key!r} has the wrong type ({type(val).__name__})")
+    return val
+
+
+def _nonneg(doc: Mapping[str, Any], key: str, where: str) -> int:
+    v = _req(doc, key, int, where)
+    if isinstance(v, bool) or v < 0:
+        raise ManifestError(f"{where}: field {key!r} must be a non-negative integer")
+    return int(v)
+
+
+def _key_ok(key: str) -> bool:
+    parts = key.split("/")
+    return bool(key) and not key.startswith("/") and "\\" not in key and "\0" not in key and all(
+        p not in ("", ".", "..") for p in parts
+    )
+
+
+def _parse_manifest(data: bytes | str, name: str) -> Manifest:
+    if len(data) > MAX_MANIFEST_SIZE:
+        raise ManifestError(f"{name}: {len(data)} bytes is larger than any manifest asyncload writes")
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ManifestError(f"{name}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise ManifestError(f"{name}: must be a JSON object")
+    if doc.get("format") != FORMAT_NAME:
+        raise ManifestError(f"{name}: not an asyncload manifest (format={doc.get('format')!r})")
+    version = _nonneg(doc, "version", name)
+    if version != FORMAT_VERSION:
+        raise ManifestError(f"{name}: manifest version {version} is not supported (this reader knows {FORMAT_VERSION})")
+    mid = _req(doc, "id", str, name)
+    block_size = _nonneg(doc, "block_size", name)
+    total = _nonneg(doc, "total_size", name)
+    if block_size < 1:
+        raise ManifestError(f"{name}: block_size must be positive")
+
+    sources: list[SourceRef] = []
+    for i, s in enumerate(_req(doc, "sources", list, name)):
+        where = f"{name}: sources[{i}]"
+        if not isinstance(s, dict):
+            raise ManifestError(f"{where}: must be an object")
+        sources.append(SourceRef(_req(s, "id", str, where), _req(s, "location", str, where)))
+    ids = {s.id for s in sources}
+    if len(ids) != len(sources) or not sources:
+        raise ManifestError(f"{name}: source ids must be unique and at least one source given")
+
+    blocks: list[BlockRef] = []
+    pos = 0
+    for i, b in enumerate(_req(doc, "blocks", list, name)):
+        where = f"{name}: blocks[{i}]"
+        if not isinstance(b, dict):
+            raise ManifestError(f"{where}: must be an object")
+        src = _req(b, "source", str, where)
+        if src not in ids:
+            raise ManifestError(f"{where}: unknown source {src!r}")
+        key = _req(b, "key", str, where)
+        if not _key_ok(key):
+            raise ManifestError(f"{where}: key {key!r} is not a safe relative path")
+        off, length = _nonneg(b, "offset", where), _nonneg(b, "length", where)
+        if off != pos:
+            raise ManifestError(f"{where}: offset {off} leaves a gap or overlap (expected {pos})")
+        if not 0 < length <= block_size:
+            raise ManifestError(f"{where}: length {length} must be in 1..block_size ({block_size})")
+        crc_raw = b.get("crc32c")
+        crc: int | None
+        if crc_raw is None:
+            crc = None
+        elif isinstance(crc_raw, str) and len(crc_raw) == 8:
+            try:
+                crc = int(crc_raw, 16)
+            except ValueError:
+                raise ManifestError(f"{where}: crc32c {crc_raw!r} is not 8 hex digits") from None
+        else:
+            raise ManifestError(f"{where}: crc32c must be 8 hex digits")
+        key_off = _nonneg(b, "key_offset", where) if "key_offset" in b else 0
+        blocks.append(BlockRef(i, src, key, off, length, crc, key_off))
+        pos += length
+    if pos != total:
+        raise ManifestError(f"{name}: blocks cover {pos} bytes but total_size is {total}")
+
+    files: list[FileEntry] = []
+    fpos = 0
+    for i, f in enumerate(_req(doc, "files", list, name)):
+        where = f"{name}: files[{i}]"
+        if not isinstance(f, dict):
+            raise ManifestError(f"{where}: must be an object")
+        path = _req(f, "path", str, where)
+        if not _key_ok(path):
+            raise ManifestError(f"{where}: path {path!r} is not a safe relative path")
+        off, size = _nonneg(f, "offset", where), _nonneg(f, "size", where)
+        kind = _req(f, "kind", str, where)
+        if off != fpos or kind not in ("safetensors", "index"):
+            raise ManifestError(f"{where}: offset must follow the previous file and kind be safetensors|index")
+        files.append(FileEntry(path, off, size, kind))
+        fpos += size
+    if fpos != total:
+        raise ManifestError(f"{name}: files cover {fpos} bytes but total_size is {total}")
+
+    tensors: list[TensorInfo] = []
+    seen: set[str] = set()
+    for i, t in enumerate(_req(doc, "tensors", list, name)):
+        where = f"{name}: tensors[{i}]"
+        if not isinstance(t, dict):
+            raise ManifestError(f"{where}: must be an object")
+        tname = _req(t, "name", str, where)
+        if tname in seen:
+            raise ManifestError(f"{where}: duplicate tensor name {tname!r}")
+        seen.add(tname)
+        dtype = _req(t, "dtype", str, where)
+        shape = _check_shape(t.get("shape"), where, ManifestError)
+        offs = _req(t, "offsets", list, where)
+        if len(offs) != 2 or not all(type(o) is int for o in offs) or not 0 <= offs[0] <= offs[1] <= total:
+            raise ManifestError(f"{where}: offsets {offs!r} must be [begin, end] within total_size {total}")
+        want = expected_nbytes(dtype, shape)
+        if want is not None and want != offs[1] - offs[0]:
+            raise ManifestError(f"{where}: {dtype} {list(shape)} needs {want} bytes, offsets span {offs[1] - offs[0]}")
+        tensors.append(TensorInfo(tname, dtype, shape, offs[0], offs[1]))
+    tensors.sort(key=lambda t: (t.begin, t.end))
+    _check_no_overlap(tensors, name, ManifestError)
+    extra = doc.get("extra", {})
+    if not isinstance(extra, dict):
+        raise ManifestError(f"{name}: 'extra' must be an object")
+    return Manifest(mid, block_size, total, tuple(files), tuple(tensors), tuple(sources), tuple(blocks), version, extra)

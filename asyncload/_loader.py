@@ -1,0 +1,305 @@
+"""The public facade: ``open()``, ``load()``, ``save()`` and the :class:`Model` they share."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import anyio
+import anyio.abc
+import numpy as np
+
+from ._assemble import AssemblyStatistics, TensorStream
+from ._config import DEFAULT_BLOCK_SIZE, DEFAULT_BUDGET, MIN_BLOCK_SIZE, Limits, parse_size
+from ._exceptions import BudgetError, ClosedError
+from ._format import Manifest, TensorInfo
+from ._inputs import Opened, open_input
+from ._plan import plan_load
+from ._ring import Ring, RingStatistics
+from ._scheduler import BlockReader
+from ._writer import Progress, TensorsInput, save_tensors
+from .sources import Source, SourceStatistics
+
+__all__ = ["LoaderStatistics", "Model", "load", "open", "save"]
+
+
+@dataclass(frozen=True, slots=True)
+class LoaderStatistics:
+    """A snapshot of a model's ring, reads and sources (see ``Model.statistics()``)."""
+
+    slots_total: int
+    slots_in_use: int
+    slot_size: int
+    budget: int
+    bytes_in_slots: int  # slot bytes held right now (never more than budget)
+    peak_slots_in_use: int
+    bytes_in_flight: int  # bytes of reads started and not yet landed
+    reads_in_flight: int
+    reads_waiting_for_slot: int  # reads that cannot start for lack of a free slot, now
+    slot_waits: int  # times a read had to wait for a slot, since open
+    blocks_read: int
+    checksum_failures: int
+    bytes_read_per_source: Mapping[str, int]
+    sources: Mapping[str, SourceStatistics]
+    assembly: AssemblyStatistics | None  # the active stream's reservations, if any
+    ring: RingStatistics
+
+
+def _in_place_block_size(budget: int) -> int:
+    m = min(DEFAULT_BLOCK_SIZE, budget // 2)
+    return max(MIN_BLOCK_SIZE, m - m % MIN_BLOCK_SIZE)
+
+
+class Model:
+    """An open checkpoint. Use as ``async with asyncload.open(...) as model``.
+
+    ``model.tensors`` maps names to :class:`TensorInfo` (``dtype``, ``shape``,
+    ``nbytes``). ``stream()`` and ``load()`` read through one ring of slots of
+    ``budget`` bytes, allocated at open and reused by every read.
+    """
+
+    def __init__(self, opened: Opened, limits: Limits) -> None:
+        self._opened = opened
+        self.manifest: Manifest = opened.manifest
+        self.limits = limits
+        self.tensors: dict[str, TensorInfo] = {t.name: t for t in self.manifest.tensors}
+        self._sources: dict[str, Source] = opened.sources
+        self._ring: Ring | None = None
+        self._reader: BlockReader | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._stream: TensorStream | None = None
+        self._closed = False
+
+    @property
+    def origin(self) -> str:
+        return self._opened.origin
+
+    @property
+    def kind(self) -> str:
+        """``"manifest"``, ``"safetensors"`` or ``"hf-directory"``."""
+        return self._opened.kind
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.manifest.tensors)
+
+    async def __aenter__(self) -> Model:
+        if self._closed:
+            raise ClosedError("a Model can be entered once")
+        self.limits.check(len(self._sources))
+        self._ring = Ring(self.limits.block_size, self.limits.slots)
+        limiters = {k: anyio.CapacityLimiter(self.limits.reads_per_source) for k in self._sources}
+        self._reader = BlockReader(self._ring, self._sources, limiters)
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        if self._stream is not None:
+            self._stream.cancel()
+        assert self._tg is not None
+        try:
+            return await self._tg.__aexit__(et, e, tb)
+        finally:
+            self._closed = True
+            if self._ring is not None:
+                self._ring.close()
+            with anyio.CancelScope(shield=True):
+                for s in self._sources.values():
+                    await s.aclose()
+
+    def _spawn(self, fn: Any) -> None:
+        if self._tg is None or self._closed:
+            raise ClosedError("the model is not open: use 'async with asyncload.open(...) as model'")
+        self._tg.start_soon(fn)
+
+    def _finished(self, stream: TensorStream) -> None:
+        if self._stream is stream:
+            self._stream = None
+
+    def _select(self, names: Iterable[str] | None) -> list[TensorInfo]:
+        if names is None:
+            return list(self.manifest.tensors)
+        if isinstance(names, str):
+            names = [names]
+        wanted = list(dict.fromkeys(names))
+        missing = [n for n in wanted if n not in self.tensors]
+        if missing:
+            raise KeyError(f"no tensor named {missing[0]!r} in {self.origin}")
+        return [self.tensors[n] for n in wanted]
+
+    def stream(self, names: Iterable[str] | None = None, *, copy: bool = True) -> TensorStream:
+        """Tensors as they complete: ``async for name, array in model.stream()``.
+
+        ``names`` selects a subset. Arrays are owned unless ``copy=False`` (see
+        :class:`TensorStream`). One stream runs at a time per model; a stream
+        that was left (break) is cancelled when the next one starts.
+        """
+        if self._tg is None or self._closed:
+            raise ClosedError("the model is not open: use 'async with asyncload.open(...) as model'")
+        if self._stream is not None and self._stream.active and not self._stream.closing:
+            raise RuntimeError(
+                "another stream of this model is still running; finish or aclose() it first"
+            )
+        if self._stream is not None:
+            self._stream.cancel()
+        assert self._reader is not None
+        plan = plan_load(self.manifest.blocks, self._select(names))
+        previous = self._stream
+        stream = TensorStream(
+            plan, self._reader, self._spawn_after(previous), copy=copy, on_finish=self._finished
+        )
+        self._stream = stream
+        return stream
+
+    def _spawn_after(self, previous: TensorStream | None) -> Any:
+        def spawn(fn: Any) -> None:
+            async def run() -> None:
+                if previous is not None:
+                    await previous.wait_closed()
+                await fn()
+
+            self._spawn(run)
+
+        return spawn
+
+    async def load(self, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Every (or each named) tensor as an owned numpy array, in stream order."""
+        out: dict[str, np.ndarray] = {}
+        async with self.stream(names) as s:
+            async for name, arr in s:
+                out[name] = arr
+        order = [t.name for t in self._select(names)]
+        return {n: out[n] for n in order}
+
+    def statistics(self) -> LoaderStatistics:
+        if self._ring is None or self._reader is None:
+            raise ClosedError("statistics() needs an open model")
+        r = self._ring.statistics()
+        rd = self._reader.statistics()
+        srcs = {k: s.statistics() for k, s in self._sources.items()}
+        return LoaderStatistics(
+            slots_total=r.slots_total,
+            slots_in_use=r.slots_in_use,
+            slot_size=r.slot_size,
+            budget=self.limits.budget,
+            bytes_in_slots=r.bytes_in_use,
+            peak_slots_in_use=r.peak_slots_in_use,
+            bytes_in_flight=rd.bytes_in_flight,
+            reads_in_flight=rd.reads_in_flight,
+            reads_waiting_for_slot=r.waiting,
+            slot_waits=r.waits,
+            blocks_read=rd.blocks_read,
+            checksum_failures=rd.checksum_failures,
+            bytes_read_per_source={k: v.bytes_read for k, v in srcs.items()},
+            sources=srcs,
+            assembly=self._stream.statistics() if self._stream is not None else None,
+            ring=r,
+        )
+
+    def __repr__(self) -> str:
+        return f"<asyncload.Model {self.origin!r} {len(self.tensors)} tensors, {self.nbytes} bytes>"
+
+
+class _Opener:
+    """What ``asyncload.open()`` returns: awaitable once, usable as ``async with``."""
+
+    def __init__(self, target: str | os.PathLike[str], limits: Limits | None, **kw: Any) -> None:
+        self._target = target
+        self._limits = limits
+        self._kw = kw
+        self._model: Model | None = None
+
+    async def _open(self) -> Model:
+        kw = self._kw
+        budget = parse_size(kw["budget"], what="budget")
+        bs = kw["block_size"]
+        in_place_bs = parse_size(bs, what="block_size") if bs is not None else _in_place_block_size(budget)
+        if in_place_bs < MIN_BLOCK_SIZE:
+            raise BudgetError(f"block_size {in_place_bs} is below the minimum {MIN_BLOCK_SIZE}")
+        opened = await open_input(self._target, block_size=in_place_bs, sources=kw["sources"])
+        limits = Limits(
+            budget=budget,
+            block_size=opened.manifest.block_size,
+            reads_per_source=kw["reads_per_source"],
+        )
+        return Model(opened, limits)
+
+    async def __aenter__(self) -> Model:
+        self._model = await self._open()
+        return await self._model.__aenter__()
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        assert self._model is not None
+        return await self._model.__aexit__(et, e, tb)
+
+
+def open(
+    target: str | os.PathLike[str],
+    *,
+    budget: int | str = DEFAULT_BUDGET,
+    block_size: int | str | None = None,
+    sources: Mapping[str, str] | None = None,
+    reads_per_source: int = 4,
+) -> _Opener:
+    """Open a manifest, a ``.safetensors`` file or a Hugging Face directory for loading.
+
+    ``budget`` (S) is the size of the slot ring; it must hold one block per
+    source. ``block_size`` only applies to inputs read in place (a manifest
+    fixes its own). ``sources`` re-points manifest source ids at new locations.
+    ``open()`` never writes.
+    """
+    return _Opener(
+        target,
+        None,
+        budget=budget,
+        block_size=block_size,
+        sources=sources,
+        reads_per_source=reads_per_source,
+    )
+
+
+async def load(
+    target: str | os.PathLike[str],
+    names: Iterable[str] | None = None,
+    *,
+    budget: int | str = DEFAULT_BUDGET,
+    block_size: int | str | None = None,
+    sources: Mapping[str, str] | None = None,
+) -> dict[str, np.ndarray]:
+    """Open ``target`` and return every (or each named) tensor as an owned array."""
+    async with open(target, budget=budget, block_size=block_size, sources=sources) as model:
+        return await model.load(names)
+
+
+async def save(
+    tensors: TensorsInput,
+    path: str | os.PathLike[str],
+    *,
+    sources: Sequence[str | os.PathLike[str]],
+    block_size: int | str = DEFAULT_BLOCK_SIZE,
+    budget: int | str = DEFAULT_BUDGET,
+    metadata: Mapping[str, str] | None = None,
+    writes_per_source: int = 4,
+    progress: Progress | None = None,
+) -> str:
+    """Write ``tensors`` as blocks over ``sources`` and commit a manifest at ``path``.
+
+    ``tensors`` is a mapping or an (async) iterable of ``(name, array)``; arrays
+    are consumed one at a time, so an async producer is never held whole. The
+    manifest is written last, atomically: an interrupted save leaves the
+    previous manifest at ``path`` loadable. Returns the manifest path.
+    """
+    m = parse_size(block_size, what="block_size")
+    if m < MIN_BLOCK_SIZE:
+        raise BudgetError(f"block_size {m} is below the minimum {MIN_BLOCK_SIZE} bytes")
+    limits = Limits(parse_size(budget, what="budget"), m, writes_per_source)
+    out = await save_tensors(tensors, path, sources, limits=limits, metadata=metadata, progress=progress)
+    return os.fspath(out)

@@ -1,0 +1,161 @@
+"""The slot ring: preallocated, reused memory of total size S in slots of size m.
+
+State changes (acquire, release) are synchronous and O(1); waiting for a free
+slot is the only await, and it is how backpressure works: no read starts
+without a slot. The memory is allocated once and touched up front, so reads
+land in pages that are already faulted in.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import anyio
+import anyio.lowlevel
+import numpy as np
+
+from ._exceptions import ClosedError
+
+__all__ = ["Ring", "RingStatistics", "Slot"]
+
+
+@dataclass(frozen=True, slots=True)
+class RingStatistics:
+    """A snapshot of the ring."""
+
+    slots_total: int
+    slots_in_use: int
+    slot_size: int
+    bytes_total: int
+    bytes_in_use: int  # slot bytes currently holding (or about to hold) data
+    waiting: int  # tasks waiting for a free slot right now
+    waits: int  # acquisitions that had to wait, since creation
+    acquisitions: int
+    peak_slots_in_use: int
+
+
+class Slot:
+    """One slot: a fixed view of the ring's memory. ``used`` is how many bytes hold data."""
+
+    __slots__ = ("_refs", "index", "memory", "used")
+
+    def __init__(self, index: int, memory: np.ndarray) -> None:
+        self.index = index
+        self.memory = memory  # uint8 view, length = slot size
+        self.used = 0
+        self._refs = 0
+
+    def view(self, n: int | None = None) -> memoryview:
+        return memoryview(self.memory)[: self.used if n is None else n]
+
+    def __repr__(self) -> str:
+        return f"<Slot {self.index} used={self.used}>"
+
+
+class _Waiter:
+    __slots__ = ("event", "slot")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.slot: Slot | None = None
+
+
+class Ring:
+    """``count`` slots of ``slot_size`` bytes carved out of one allocation."""
+
+    def __init__(self, slot_size: int, count: int, *, touch: bool = True) -> None:
+        if slot_size < 1 or count < 1:
+            raise ValueError("a ring needs at least one slot of at least one byte")
+        self.slot_size = slot_size
+        self._memory = np.empty(slot_size * count, dtype=np.uint8)
+        if touch:
+            self._memory.fill(0)  # fault every page in once, here, not on the first read
+        self._slots = [
+            Slot(i, self._memory[i * slot_size : (i + 1) * slot_size]) for i in range(count)
+        ]
+        self._free: deque[Slot] = deque(self._slots)
+        self._waiters: deque[_Waiter] = deque()
+        self._closed = False
+        self._waits = 0
+        self._acquisitions = 0
+        self._peak = 0
+
+    # -- synchronous state machine -------------------------------------------------
+    def try_acquire(self) -> Slot | None:
+        """A free slot, or None. Never waits; tasks already waiting are served first."""
+        if self._closed:
+            raise ClosedError("the slot ring is closed")
+        if not self._free or self._waiters:
+            return None
+        return self._take(self._free.popleft())
+
+    def _take(self, slot: Slot) -> Slot:
+        slot._refs = 1
+        slot.used = 0
+        self._acquisitions += 1
+        self._peak = max(self._peak, len(self._slots) - len(self._free))
+        return slot
+
+    def retain(self, slot: Slot) -> None:
+        """Add a holder (e.g. a zero-copy lease) to an acquired slot."""
+        if slot._refs < 1:
+            raise RuntimeError(f"{slot!r} is not acquired")
+        slot._refs += 1
+
+    def release(self, slot: Slot) -> None:
+        """Drop one holder; when the last lets go the slot goes to the first waiter, or back to free."""
+        if slot._refs < 1:
+            raise RuntimeError(f"{slot!r} released more often than acquired")
+        slot._refs -= 1
+        if slot._refs:
+            return
+        slot.used = 0
+        if self._waiters and not self._closed:
+            waiter = self._waiters.popleft()
+            waiter.slot = self._take(slot)
+            waiter.event.set()
+        else:
+            self._free.append(slot)
+
+    # -- the one await --------------------------------------------------------------
+    async def acquire(self) -> Slot:
+        """A free slot, waiting in FIFO order until one is released (backpressure)."""
+        await anyio.lowlevel.checkpoint()
+        slot = self.try_acquire()
+        if slot is not None:
+            return slot
+        self._waits += 1
+        waiter = _Waiter()
+        self._waiters.append(waiter)
+        try:
+            await waiter.event.wait()
+        except BaseException:
+            if waiter.slot is not None:  # handed a slot, then cancelled: pass it on
+                self.release(waiter.slot)
+            elif waiter in self._waiters:
+                self._waiters.remove(waiter)
+            raise
+        if waiter.slot is None:
+            raise ClosedError("the slot ring was closed while waiting for a slot")
+        return waiter.slot
+
+    def close(self) -> None:
+        """Refuse new acquisitions and wake every waiter with :class:`ClosedError`."""
+        self._closed = True
+        while self._waiters:
+            self._waiters.popleft().event.set()
+
+    def statistics(self) -> RingStatistics:
+        in_use = len(self._slots) - len(self._free)
+        return RingStatistics(
+            slots_total=len(self._slots),
+            slots_in_use=in_use,
+            slot_size=self.slot_size,
+            bytes_total=self.slot_size * len(self._slots),
+            bytes_in_use=self.slot_size * in_use,
+            waiting=len(self._waiters),
+            waits=self._waits,
+            acquisitions=self._acquisitions,
+            peak_slots_in_use=self._peak,
+        )

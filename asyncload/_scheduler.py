@@ -1,0 +1,161 @@
+"""Concurrent block reads into ring slots, with backpressure and prefetch.
+
+The driver walks the planned blocks in stream order. For each it first takes
+a free slot from the ring (waiting if none: backpressure), then starts a read
+task under the block's source limiter. Reads therefore run ahead of the
+consumer exactly as far as the ring allows (prefetch). Each read lands in the
+slot memory (``preadv`` in a worker thread for local files), its length and
+crc32c are checked in a worker thread, and the slot is handed to ``on_block``,
+which owns it until it calls :meth:`Ring.release` (directly or through the
+reader's bookkeeping).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import anyio
+import anyio.to_thread
+import crc32c as _crc32c
+
+from ._exceptions import ChecksumError, TruncatedBlockError
+from ._format import BlockRef
+from ._ring import Ring, Slot
+from .sources import Source
+
+__all__ = ["BlockReader", "ReaderStatistics", "crc32c_of", "unwrap_group"]
+
+# Below this, hashing or copying on the event loop costs less than a thread hop.
+INLINE_BYTES = 64 * 1024
+
+
+def crc32c_of(data: memoryview) -> int:
+    return int(_crc32c.crc32c(data))
+
+
+async def checksum(data: memoryview) -> int:
+    """crc32c of ``data``; large buffers are hashed in a worker thread (the GIL is released)."""
+    if len(data) <= INLINE_BYTES:
+        return crc32c_of(data)
+    return await anyio.to_thread.run_sync(crc32c_of, data)
+
+
+@dataclass(frozen=True, slots=True)
+class ReaderStatistics:
+    blocks_read: int
+    bytes_in_flight: int  # bytes of reads started and not yet landed
+    reads_in_flight: int
+    checksum_failures: int
+
+
+class BlockReader:
+    """Reads blocks from their sources into slots of ``ring``, checking every byte."""
+
+    def __init__(
+        self,
+        ring: Ring,
+        sources: Mapping[str, Source],
+        limiters: Mapping[str, anyio.CapacityLimiter],
+    ) -> None:
+        self.ring = ring
+        self.sources = sources
+        self.limiters = limiters
+        self._blocks_read = 0
+        self._bytes_in_flight = 0
+        self._reads_in_flight = 0
+        self._checksum_failures = 0
+
+    def statistics(self) -> ReaderStatistics:
+        return ReaderStatistics(
+            self._blocks_read, self._bytes_in_flight, self._reads_in_flight, self._checksum_failures
+        )
+
+    async def read_block(self, block: BlockRef, slot: Slot) -> None:
+        """Fill ``slot`` with ``block``'s bytes, verified; raise an IntegrityError/SourceError otherwise."""
+        source = self.sources[block.source]
+        buf = memoryview(slot.memory)[: block.length]
+        self._bytes_in_flight += block.length
+        self._reads_in_flight += 1
+        try:
+            async with self.limiters[block.source]:
+                n = await source.read_into(block.key, block.key_offset, buf)
+        finally:
+            self._bytes_in_flight -= block.length
+            self._reads_in_flight -= 1
+        if n != block.length:
+            raise TruncatedBlockError(
+                f"block {block.index} ({block.key!r} on source {block.source!r}) is truncated: "
+                f"read {n} of {block.length} bytes"
+            )
+        slot.used = n
+        if block.crc32c is not None:
+            got = await checksum(buf)
+            if got != block.crc32c:
+                self._checksum_failures += 1
+                raise ChecksumError(
+                    f"block {block.index} ({block.key!r} on source {block.source!r}) is corrupt: "
+                    f"crc32c {got:08x}, manifest says {block.crc32c:08x}"
+                )
+        self._blocks_read += 1
+
+    async def run(
+        self,
+        blocks: Sequence[BlockRef],
+        on_block: Callable[[BlockRef, Slot], Awaitable[None]],
+    ) -> None:
+        """Read every block (concurrently, in slot order) and hand each to ``on_block``.
+
+        ``on_block`` must release the slot it is given (once). If anything fails,
+        every other read is cancelled and every slot still held here is released
+        before the error propagates.
+        """
+        held: dict[int, Slot] = {}
+
+        async def one(block: BlockRef, slot: Slot) -> None:
+            try:
+                await self.read_block(block, slot)
+            except BaseException:
+                if held.pop(slot.index, None) is not None:
+                    self.ring.release(slot)
+                raise
+            held.pop(slot.index, None)
+            await on_block(block, slot)  # ownership of the slot passes to on_block
+
+        try:
+            async with anyio.create_task_group() as tg:
+                for block in blocks:
+                    slot = await self.ring.acquire()
+                    held[slot.index] = slot
+                    tg.start_soon(one, block, slot)
+        finally:
+            # Tasks cancelled before they ever ran never reached their own cleanup.
+            for slot in held.values():
+                self.ring.release(slot)
+            held.clear()
+
+
+def unwrap_group(exc: BaseException) -> BaseException:
+    """The single real error inside (nested) exception groups, or the group itself.
+
+    Cancellations of sibling tasks are noise once one task has failed; when
+    exactly one other error remains it is raised as is, so callers can write
+    ``except ChecksumError``. Several distinct errors stay a group.
+    """
+    while isinstance(exc, BaseExceptionGroup):
+        real = [e for e in _leaves(exc) if not isinstance(e, anyio.get_cancelled_exc_class())]
+        if len(real) == 1:
+            return real[0]
+        if not real:
+            return exc
+        return exc
+    return exc
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        out: list[BaseException] = []
+        for e in exc.exceptions:
+            out.extend(_leaves(e))
+        return out
+    return [exc]

@@ -1,0 +1,201 @@
+"""Whole-store operations: pack (file -> blocks), unpack (blocks -> file), verify."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+
+from ._config import DEFAULT_BLOCK_SIZE, DEFAULT_BUDGET, MIN_BLOCK_SIZE, Limits, parse_size
+from ._exceptions import BudgetError, FormatError, IntegrityError, SourceError
+from ._format import BlockRef, FileEntry
+from ._inputs import open_input
+from ._ring import Ring, Slot
+from ._scheduler import BlockReader, unwrap_group
+from ._writer import Progress, pack_opened
+from .sources._local import fsync_dir
+
+__all__ = ["VerifyReport", "pack", "unpack", "verify"]
+
+
+def _limits(budget: int | str, block_size: int, sources: int) -> Limits:
+    limits = Limits(parse_size(budget, what="budget"), block_size)
+    limits.check(sources)
+    return limits
+
+
+async def pack(
+    src: str | os.PathLike[str],
+    to: Sequence[str | os.PathLike[str]],
+    manifest: str | os.PathLike[str] | None = None,
+    *,
+    block_size: int | str = DEFAULT_BLOCK_SIZE,
+    budget: int | str = DEFAULT_BUDGET,
+    progress: Progress | None = None,
+) -> str:
+    """Cut a ``.safetensors`` file or HF directory into blocks over the ``to`` directories.
+
+    Block i goes to directory i mod k. The manifest (default: next to the first
+    directory's parent, named after the input) is committed last, atomically.
+    """
+    m = parse_size(block_size, what="block_size")
+    if m < MIN_BLOCK_SIZE:
+        raise BudgetError(f"block_size {m} is below the minimum {MIN_BLOCK_SIZE} bytes")
+    if not to:
+        raise FormatError("pack needs at least one destination directory (--to)")
+    opened = await open_input(src, block_size=m)
+    if opened.kind == "manifest":
+        raise FormatError(f"{src}: already an asyncload manifest; pack takes .safetensors or an HF directory")
+    if manifest is None:
+        name = Path(os.fspath(src)).name.removesuffix(".safetensors") or "model"
+        manifest = Path(os.fspath(to[0])).parent / f"{name}.asyncload.json"
+    limits = _limits(budget, m, len(to))
+    out = await pack_opened(opened, manifest, to, limits=limits, progress=progress)
+    return os.fspath(out)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data = data[n:]
+        offset += n
+
+
+def _outputs(files: Sequence[FileEntry], out: Path) -> dict[str, Path]:
+    if len(files) == 1 and not out.is_dir():
+        return {files[0].path: out}
+    return {f.path: out / f.path for f in files}
+
+
+async def unpack(
+    manifest: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    budget: int | str = DEFAULT_BUDGET,
+    sources: dict[str, str] | None = None,
+    progress: Progress | None = None,
+) -> list[str]:
+    """Rebuild the original file(s), byte-identical: one ``.safetensors`` or a shard directory.
+
+    With one file, ``out`` is the file to write (or a directory to write it
+    into); with shards, ``out`` is the directory that receives the shards and
+    the index. Files appear whole (temp name, fsync, rename) or not at all.
+    """
+    opened = await open_input(manifest, block_size=DEFAULT_BLOCK_SIZE, sources=sources)
+    man = opened.manifest
+    limits = _limits(budget, man.block_size, len(opened.sources))
+    outp = Path(os.fspath(out))
+    targets = _outputs(man.files, outp)
+    for p in targets.values():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    temps = {k: p.with_name(f".{p.name}.{secrets.token_hex(4)}.tmp") for k, p in targets.items()}
+    fds = {k: os.open(t, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600) for k, t in temps.items()}
+    ring = Ring(limits.block_size, limits.slots)
+    reader = BlockReader(
+        ring, opened.sources, {k: anyio.CapacityLimiter(limits.reads_per_source) for k in opened.sources}
+    )
+    ok = False
+
+    def write_block(block: BlockRef, data: memoryview) -> None:
+        for f in man.files:
+            lo, hi = max(block.offset, f.offset), min(block.end, f.offset + f.size)
+            if lo < hi:
+                _pwrite_all(fds[f.path], data[lo - block.offset : hi - block.offset], lo - f.offset)
+
+    async def on_block(block: BlockRef, slot: Slot) -> None:
+        try:
+            await anyio.to_thread.run_sync(write_block, block, memoryview(slot.memory)[: block.length])
+        finally:
+            ring.release(slot)
+        if progress is not None:
+            progress(block.length)
+
+    try:
+        try:
+            await reader.run(man.blocks, on_block)
+        except BaseExceptionGroup as eg:
+            raise unwrap_group(eg) from None
+
+        def finish() -> None:
+            for k, fd in fds.items():
+                os.ftruncate(fd, next(f.size for f in man.files if f.path == k))
+                os.fsync(fd)
+            for k, t in temps.items():
+                os.replace(t, targets[k])
+            for d in {p.parent for p in targets.values()}:
+                fsync_dir(d)
+
+        await anyio.to_thread.run_sync(finish)
+        ok = True
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+        if not ok:
+            for t in temps.values():
+                t.unlink(missing_ok=True)
+    return [os.fspath(targets[f.path]) for f in man.files]
+
+
+@dataclass(frozen=True, slots=True)
+class BadBlock:
+    index: int
+    source: str
+    key: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    """What ``verify`` found: every block read and checked, the bad ones listed."""
+
+    manifest: str
+    blocks: int
+    bytes_checked: int
+    bad: tuple[BadBlock, ...] = field(default_factory=tuple)
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad
+
+
+async def verify(
+    manifest: str | os.PathLike[str],
+    *,
+    budget: int | str = DEFAULT_BUDGET,
+    sources: dict[str, str] | None = None,
+    progress: Progress | None = None,
+) -> VerifyReport:
+    """Read every block and check its length and crc32c; report each bad block (never raise for one)."""
+    opened = await open_input(manifest, block_size=DEFAULT_BLOCK_SIZE, sources=sources)
+    man = opened.manifest
+    limits = _limits(budget, man.block_size, len(opened.sources))
+    ring = Ring(limits.block_size, limits.slots)
+    reader = BlockReader(
+        ring, opened.sources, {k: anyio.CapacityLimiter(limits.reads_per_source) for k in opened.sources}
+    )
+    bad: list[BadBlock] = []
+    checked = 0
+
+    async def one(block: BlockRef, slot: Slot) -> None:
+        nonlocal checked
+        try:
+            await reader.read_block(block, slot)
+            checked += block.length
+        except (SourceError, IntegrityError) as e:
+            bad.append(BadBlock(block.index, block.source, block.key, str(e)))
+        finally:
+            ring.release(slot)
+            if progress is not None:
+                progress(block.length)
+
+    async with anyio.create_task_group() as tg:
+        for block in man.blocks:
+            slot = await ring.acquire()
+            tg.start_soon(one, block, slot)
+    bad.sort(key=lambda b: b.index)
+    return VerifyReport(opened.origin, len(man.blocks), checked, tuple(bad))

@@ -1,0 +1,291 @@
+"""Save and pack: bytes -> slots -> blocks scattered over sources -> atomic manifest commit.
+
+Commit protocol. Every save writes *new* block keys (under a fresh checkpoint
+id), each block file written to a temporary name, fsynced and renamed; then
+each source directory is fsynced; only then is the manifest written to a
+temporary file next to its final path, fsynced, renamed over the old one, and
+the directory fsynced. A crash at any point leaves the previous manifest (and
+the blocks it names, which are never touched) loadable.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import uuid
+from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import numpy as np
+
+from ._config import Limits
+from ._dtypes import dtype_from_numpy
+from ._exceptions import FormatError
+from ._format import BlockRef, FileEntry, Manifest, SourceRef, build_header, parse_header
+from ._inputs import Opened
+from ._plan import place_blocks
+from ._ring import Ring, Slot
+from ._scheduler import INLINE_BYTES, BlockReader, checksum, unwrap_group
+from .sources import LocalSource, Source
+from .sources._local import fsync_dir
+
+__all__ = ["ScatterWriter", "commit_manifest", "pack_opened", "save_tensors"]
+
+Progress = Callable[[int], None]
+TensorsInput = (
+    Mapping[str, np.ndarray]
+    | Iterable[tuple[str, np.ndarray]]
+    | AsyncIterable[tuple[str, np.ndarray]]
+)
+
+
+class ScatterWriter:
+    """Writes filled slots as blocks, concurrently, one limiter per source."""
+
+    def __init__(self, sources: Sequence[Source], ring: Ring, limits: Limits, ckpt_id: str) -> None:
+        self.sources = list(sources)
+        self.ring = ring
+        self.limiters = {s.id: anyio.CapacityLimiter(limits.reads_per_source) for s in self.sources}
+        self.ckpt_id = ckpt_id
+        self.blocks: dict[int, BlockRef] = {}
+        self.bytes_written = 0
+
+    async def _write(self, tag: int, src: Source, key: str, offset: int, slot: Slot, progress: Progress | None) -> None:
+        try:
+            data = memoryview(slot.memory)[: slot.used]
+            crc = await checksum(data)
+            async with self.limiters[src.id]:
+                await src.write(key, data)
+            self.blocks[tag] = BlockRef(tag, src.id, key, offset, len(data), crc)
+            self.bytes_written += len(data)
+            if progress is not None:
+                progress(len(data))
+        finally:
+            self.ring.release(slot)
+
+    def submit(
+        self,
+        tg: anyio.abc.TaskGroup,
+        tag: int,
+        source_index: int,
+        key: str,
+        offset: int,
+        slot: Slot,
+        progress: Progress | None = None,
+    ) -> None:
+        """Start writing ``slot`` (ownership passes to the writer, which releases it)."""
+        src = self.sources[source_index]
+        tg.start_soon(self._write, tag, src, f"{self.ckpt_id}/{key}", offset, slot, progress)
+
+    async def sync(self) -> None:
+        async with anyio.create_task_group() as tg:
+            for s in self.sources:
+                tg.start_soon(s.sync)
+
+
+def _manifest_sources(sources: Sequence[str | os.PathLike[str]], manifest_dir: Path) -> list[SourceRef]:
+    refs = []
+    for i, loc in enumerate(sources):
+        p = Path(os.fspath(loc)).expanduser()
+        location = str(p) if p.is_absolute() else os.path.relpath(p.resolve(), manifest_dir.resolve())
+        refs.append(SourceRef(f"s{i}", location))
+    return refs
+
+
+def _write_manifest_sync(path: Path, data: bytes) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+async def commit_manifest(path: str | os.PathLike[str], manifest: Manifest) -> Path:
+    """Atomically replace the manifest at ``path`` (temp file, fsync, rename, fsync dir)."""
+    p = Path(os.fspath(path))
+    await anyio.to_thread.run_sync(_write_manifest_sync, p, manifest.to_json())
+    return p
+
+
+def _open_sources(sources: Sequence[str | os.PathLike[str]]) -> list[Source]:
+    if not sources:
+        raise FormatError("at least one source directory is needed")
+    return [LocalSource(f"s{i}", os.fspath(s), create=True) for i, s in enumerate(sources)]
+
+
+# --------------------------------------------------------------------------- save
+
+
+def _as_bytes(name: str, arr: Any) -> tuple[str, tuple[int, ...], np.ndarray]:
+    a = np.asarray(arr)
+    dtype = dtype_from_numpy(a.dtype)
+    if not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    flat = a.reshape(-1).view(np.uint8) if a.size else np.empty(0, dtype=np.uint8)
+    return dtype, tuple(int(d) for d in a.shape), flat
+
+
+async def _iterate(tensors: TensorsInput) -> AsyncIterable[tuple[str, np.ndarray]]:
+    if isinstance(tensors, Mapping):
+        for item in tensors.items():
+            yield item
+    elif isinstance(tensors, AsyncIterable):
+        async for item in tensors:
+            yield item
+    else:
+        for item in tensors:
+            yield item
+
+
+def _fill(dst: np.ndarray, d0: int, src: np.ndarray, s0: int, n: int) -> None:
+    dst[d0 : d0 + n] = src[s0 : s0 + n]
+
+
+async def save_tensors(
+    tensors: TensorsInput,
+    manifest_path: str | os.PathLike[str],
+    sources: Sequence[str | os.PathLike[str]],
+    *,
+    limits: Limits,
+    metadata: Mapping[str, str] | None = None,
+    progress: Progress | None = None,
+) -> Path:
+    """Serialize tensors as a safetensors stream into slots, scatter, then commit."""
+    srcs = _open_sources(sources)
+    limits.check(len(srcs))
+    mpath = Path(os.fspath(manifest_path))
+    ckpt_id = uuid.uuid4().hex
+    ring = Ring(limits.block_size, limits.slots)
+    writer = ScatterWriter(srcs, ring, limits, ckpt_id)
+    m = limits.block_size
+    entries: list[tuple[str, str, tuple[int, ...], int]] = []
+    seen: set[str] = set()
+    data_pos = 0  # bytes of the data section serialized so far
+    n_data = 0
+    try:
+        async with anyio.create_task_group() as tg:
+            slot: Slot | None = None
+            async for name, arr in _iterate(tensors):
+                if not isinstance(name, str) or name in seen or name == "__metadata__":
+                    raise FormatError(f"tensor name {name!r} is not a string, is reserved, or repeats")
+                seen.add(name)
+                dtype, shape, flat = _as_bytes(name, arr)
+                entries.append((name, dtype, shape, flat.nbytes))
+                done = 0
+                while done < flat.nbytes:
+                    if slot is None:
+                        slot = await ring.acquire()
+                    n = min(m - slot.used, flat.nbytes - done)
+                    if n >= INLINE_BYTES:
+                        await anyio.to_thread.run_sync(_fill, slot.memory, slot.used, flat, done, n)
+                    else:
+                        _fill(slot.memory, slot.used, flat, done, n)
+                    slot.used += n
+                    done += n
+                    data_pos += n
+                    if slot.used == m:
+                        # Data block offsets are fixed once the header size is known.
+                        writer.submit(tg, 1_000_000_000 + n_data, n_data % len(srcs),
+                                      f"d{n_data:06d}", data_pos - m, slot, progress)
+                        n_data += 1
+                        slot = None
+            if slot is not None and slot.used:
+                writer.submit(tg, 1_000_000_000 + n_data, n_data % len(srcs),
+                              f"d{n_data:06d}", data_pos - slot.used, slot, progress)
+                n_data += 1
+            elif slot is not None:
+                ring.release(slot)
+            header = build_header(entries, metadata)
+            pos = 0
+            n_head = 0
+            while pos < len(header):
+                hslot = await ring.acquire()
+                chunk = header[pos : pos + m]
+                hslot.memory[: len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
+                hslot.used = len(chunk)
+                writer.submit(tg, n_head, n_head % len(srcs), f"h{n_head:03d}", pos, hslot, progress)
+                pos += len(chunk)
+                n_head += 1
+        await writer.sync()
+    except BaseExceptionGroup as eg:
+        raise unwrap_group(eg) from None
+    hsize = len(header)
+    blocks: list[BlockRef] = []
+    for tag in sorted(writer.blocks):
+        b = writer.blocks[tag]
+        off = b.offset if tag < 1_000_000_000 else hsize + b.offset
+        blocks.append(BlockRef(len(blocks), b.source, b.key, off, b.length, b.crc32c))
+    total = hsize + data_pos
+    hdr = parse_header(header, file_size=total, name="new checkpoint")
+    manifest = Manifest(
+        id=ckpt_id,
+        block_size=m,
+        total_size=total,
+        files=(FileEntry(mpath.name.removesuffix(".json").removesuffix(".asyncload") + ".safetensors", 0, total, "safetensors"),),
+        tensors=hdr.tensors,
+        sources=tuple(_manifest_sources(sources, mpath.parent)),
+        blocks=tuple(blocks),
+    )
+    return await commit_manifest(mpath, manifest)
+
+
+# --------------------------------------------------------------------------- pack
+
+
+async def pack_opened(
+    opened: Opened,
+    manifest_path: str | os.PathLike[str],
+    sources: Sequence[str | os.PathLike[str]],
+    *,
+    limits: Limits,
+    progress: Progress | None = None,
+) -> Path:
+    """Copy an in-place input (safetensors file or HF directory) into a block store."""
+    dest = _open_sources(sources)
+    limits.check(len(dest))
+    src_man = opened.manifest
+    mpath = Path(os.fspath(manifest_path))
+    ckpt_id = uuid.uuid4().hex
+    ring = Ring(limits.block_size, limits.slots)
+    writer = ScatterWriter(dest, ring, limits, ckpt_id)
+    reader = BlockReader(
+        ring, opened.sources, {k: anyio.CapacityLimiter(limits.reads_per_source) for k in opened.sources}
+    )
+    placement = place_blocks(len(src_man.blocks), len(dest))
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def on_block(block: BlockRef, slot: Slot) -> None:
+                writer.submit(tg, block.index, placement[block.index], f"{block.index:06d}",
+                              block.offset, slot, progress)
+
+            await reader.run(src_man.blocks, on_block)
+        await writer.sync()
+    except BaseExceptionGroup as eg:
+        raise unwrap_group(eg) from None
+    blocks = tuple(writer.blocks[i] for i in range(len(src_man.blocks)))
+    manifest = Manifest(
+        id=ckpt_id,
+        block_size=limits.block_size,
+        total_size=src_man.total_size,
+        files=src_man.files,
+        tensors=src_man.tensors,
+        sources=tuple(_manifest_sources(sources, mpath.parent)),
+        blocks=blocks,
+    )
+    return await commit_manifest(mpath, manifest)
+
+

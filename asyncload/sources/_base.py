@@ -1,0 +1,89 @@
+"""The storage source interface: ranged reads into a caller's buffer, writes, sizes."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+__all__ = ["Source", "SourceStatistics"]
+
+
+@dataclass(frozen=True, slots=True)
+class SourceStatistics:
+    """What one source has done since it was opened."""
+
+    id: str
+    reads: int
+    bytes_read: int
+    writes: int
+    bytes_written: int
+    errors: int
+    in_flight: int
+
+
+class Source(ABC):
+    """A place that stores blocks under keys (a directory, later a URL or bucket).
+
+    Implementations map their own errors into the asyncload exception tree at
+    this boundary: a missing key or location raises
+    :class:`~asyncload.BlockNotFoundError`, other failures
+    :class:`~asyncload.SourceUnavailableError`. Concurrency is limited by the
+    caller (one limiter per source, owned by the loader), not here.
+    """
+
+    supports_writes: bool = False
+    supports_ranges: bool = True
+
+    def __init__(self, id: str, location: str) -> None:
+        self.id = id
+        self.location = location
+        self._reads = self._bytes_read = self._writes = self._bytes_written = 0
+        self._errors = self._in_flight = 0
+
+    @abstractmethod
+    async def read_into(self, key: str, offset: int, buf: memoryview) -> int:
+        """Read up to ``len(buf)`` bytes of ``key`` starting at ``offset`` into ``buf``.
+
+        Returns the number of bytes read, which is less than ``len(buf)`` only
+        at the end of the object.
+        """
+
+    async def write(self, key: str, data: memoryview) -> None:
+        """Store ``data`` under ``key`` durably; the key appears whole or not at all."""
+        raise NotImplementedError(f"source {self.id!r} ({type(self).__name__}) does not accept writes")
+
+    @abstractmethod
+    async def size(self, key: str) -> int:
+        """Size in bytes of the object stored under ``key``."""
+
+    async def exists(self, key: str) -> bool:
+        from .._exceptions import BlockNotFoundError
+
+        try:
+            await self.size(key)
+        except BlockNotFoundError:
+            return False
+        return True
+
+    async def delete(self, key: str) -> None:
+        raise NotImplementedError(f"source {self.id!r} does not support delete")
+
+    async def sync(self) -> None:  # noqa: B027 - optional hook
+        """Make every completed write durable (e.g. fsync directories)."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release connections or handles."""
+
+    def statistics(self) -> SourceStatistics:
+        return SourceStatistics(
+            self.id,
+            self._reads,
+            self._bytes_read,
+            self._writes,
+            self._bytes_written,
+            self._errors,
+            self._in_flight,
+        )
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.id!r} at {self.location!r}>"
