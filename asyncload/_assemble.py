@@ -58,8 +58,16 @@ def _copy_segments(jobs: list[tuple[np.ndarray, int, np.ndarray, int, int]]) -> 
 class _Assembly:
     """The per-stream state: reservations, partial tensors, the ready queue."""
 
-    def __init__(self, plan: LoadPlan, ring: Ring, *, copy: bool) -> None:
+    def __init__(
+        self,
+        plan: LoadPlan,
+        ring: Ring,
+        *,
+        copy: bool,
+        threads: anyio.CapacityLimiter | None = None,
+    ) -> None:
         self.plan = plan
+        self.threads = threads
         self.ring = ring
         self.copy = copy
         tensors = plan.tensors
@@ -157,7 +165,7 @@ class _Assembly:
         if sum(j[4] for j in jobs) <= INLINE_BYTES:
             _copy_segments(jobs)
         else:
-            await anyio.to_thread.run_sync(_copy_segments, list(jobs))
+            await anyio.to_thread.run_sync(_copy_segments, list(jobs), limiter=self.threads)
         for seg in done:
             self.remaining[seg.tensor] -= 1
             if self.remaining[seg.tensor] == 0:
@@ -192,7 +200,7 @@ class TensorStream:
         self._plan = plan
         self._reader = reader
         self._spawn = spawn
-        self._asm = _Assembly(plan, reader.ring, copy=copy)
+        self._asm = _Assembly(plan, reader.ring, copy=copy, threads=reader.threads)
         self._on_finish = on_finish
         self._scope: anyio.CancelScope | None = None
         self._done = anyio.Event()
@@ -319,7 +327,7 @@ class TensorStream:
         if self._started and not self._finished and not self._closed:
             try:
                 self.cancel()
-            except Exception:  # noqa: S110 - interpreter or loop shutting down
+            except Exception:
                 pass
 
 

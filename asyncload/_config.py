@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "DEFAULT_BUDGET",
     "DEFAULT_READS_PER_SOURCE",
+    "DEFAULT_THREADS",
     "MIN_BLOCK_SIZE",
     "Limits",
     "format_size",
@@ -25,6 +27,9 @@ DEFAULT_BLOCK_SIZE = 16 * MiB
 MIN_BLOCK_SIZE = 4 * KiB
 DEFAULT_BUDGET = 256 * MiB
 DEFAULT_READS_PER_SOURCE = 4
+# Worker threads for reads, checksums and copies: page-cache reads and memcpy are CPU
+# work, so more threads than cores only adds scheduling lag to the event loop.
+DEFAULT_THREADS = max(2, os.cpu_count() or 2)
 
 _UNITS = {
     "": 1,
@@ -77,17 +82,21 @@ class Limits:
 
     ``budget`` is S, the total bytes of the slot ring; ``block_size`` is m, the
     size of one slot. ``reads_per_source`` bounds concurrent reads (or writes) on
-    one source.
+    one source; ``threads`` bounds the worker threads doing syscalls, checksums
+    and copies for one model (default: the number of cores, at least 2).
     """
 
     budget: int = DEFAULT_BUDGET
     block_size: int = DEFAULT_BLOCK_SIZE
     reads_per_source: int = DEFAULT_READS_PER_SOURCE
+    threads: int = DEFAULT_THREADS
 
     def check(self, sources: int) -> None:
         """Raise :class:`BudgetError` unless the ring holds one slot per source."""
         if self.block_size < 1:
             raise BudgetError(f"block size must be positive, got {self.block_size}")
+        if self.threads < 1:
+            raise BudgetError(f"threads must be >= 1, got {self.threads}")
         if self.reads_per_source < 1:
             raise BudgetError(f"reads_per_source must be >= 1, got {self.reads_per_source}")
         need = sources * self.block_size

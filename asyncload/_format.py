@@ -13,8 +13,10 @@ See docs/format.md for the manifest schema.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import re
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +46,7 @@ FORMAT_VERSION = 1
 MAX_HEADER_SIZE = 100 * 1024 * 1024  # the limit safetensors itself enforces
 MAX_MANIFEST_SIZE = 1 << 30
 _MAX_DIMS = 64
+_HEX8 = re.compile(r"[0-9a-fA-F]{8}")  # int(x, 16) alone accepts " 1_2", "-1234567"
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,11 +141,15 @@ class Manifest:
             "block_size": self.block_size,
             "total_size": self.total_size,
             "files": [
-                {"path": f.path, "offset": f.offset, "size": f.size, "kind": f.kind}
-                for f in self.files
+                {"path": f.path, "offset": f.offset, "size": f.size, "kind": f.kind} for f in self.files
             ],
             "tensors": [
-                {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "offsets": [t.begin, t.end]}
+                {
+                    "name": t.name,
+                    "dtype": t.dtype,
+                    "shape": list(t.shape),
+                    "offsets": [t.begin, t.end],
+                }
                 for t in self.tensors
             ],
             "sources": [{"id": s.id, "location": s.location} for s in self.sources],
@@ -182,7 +189,9 @@ def parse_header_length(prefix: bytes, *, file_size: int, name: str) -> int:
     if n > MAX_HEADER_SIZE:
         raise HeaderError(f"{name}: header declares {n} bytes, more than the {MAX_HEADER_SIZE} limit")
     if 8 + n > file_size:
-        raise HeaderError(f"{name}: header declares {n} bytes but the file has {file_size - 8} after the length")
+        raise HeaderError(
+            f"{name}: header declares {n} bytes but the file has {file_size - 8} after the length"
+        )
     return int(n)
 
 
@@ -206,7 +215,7 @@ def parse_header(data: bytes, *, file_size: int, name: str = "safetensors file")
         raise HeaderError(f"{name}: header truncated ({len(data) - 8} of {n} bytes)")
     try:
         doc = json.loads(data[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # incl. the int digit limit
         raise HeaderError(f"{name}: header is not valid UTF-8 JSON ({e})") from None
     if not isinstance(doc, dict):
         raise HeaderError(f"{name}: header must be a JSON object")
@@ -234,7 +243,8 @@ def parse_header(data: bytes, *, file_size: int, name: str = "safetensors file")
             or not 0 <= offs[0] <= offs[1] <= data_size
         ):
             raise HeaderError(
-                f"{where}: data_offsets {offs!r} must be [begin, end] within the {data_size}-byte data section"
+                f"{where}: data_offsets {offs!r} must be [begin, end] "
+                f"within the {data_size}-byte data section"
             )
         want = expected_nbytes(dtype, shape)
         if want is not None and want != offs[1] - offs[0]:
@@ -248,7 +258,7 @@ def parse_header(data: bytes, *, file_size: int, name: str = "safetensors file")
 
 
 def _check_no_overlap(tensors: Sequence[TensorInfo], name: str, exc: type[Exception]) -> None:
-    for a, b in zip(tensors, tensors[1:], strict=False):
+    for a, b in itertools.pairwise(tensors):
         if b.begin < a.end:
             raise exc(f"{name}: tensors {a.name!r} and {b.name!r} overlap")
 
@@ -280,12 +290,10 @@ def parse_hf_index(data: bytes, *, name: str) -> dict[str, str]:
     """The ``weight_map`` (tensor -> shard file) of a ``model.safetensors.index.json``."""
     try:
         doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # incl. the int digit limit
         raise HeaderError(f"{name}: not valid JSON ({e})") from None
     wm = doc.get("weight_map") if isinstance(doc, dict) else None
-    if not isinstance(wm, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in wm.items()
-    ):
+    if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
         raise HeaderError(f"{name}: needs a 'weight_map' object of tensor name -> shard file")
     return wm
 
@@ -311,17 +319,25 @@ def _nonneg(doc: Mapping[str, Any], key: str, where: str) -> int:
 
 def _key_ok(key: str) -> bool:
     parts = key.split("/")
-    return bool(key) and not key.startswith("/") and "\\" not in key and "\0" not in key and all(
-        p not in ("", ".", "..") for p in parts
+    return (
+        bool(key)
+        and not key.startswith("/")
+        and "\\" not in key
+        and "\0" not in key
+        and all(p not in ("", ".", "..") for p in parts)
     )
+
+
+def _no_constant(c: str) -> Any:
+    raise ValueError(f"{c} is not allowed")
 
 
 def _parse_manifest(data: bytes | str, name: str) -> Manifest:
     if len(data) > MAX_MANIFEST_SIZE:
         raise ManifestError(f"{name}: {len(data)} bytes is larger than any manifest asyncload writes")
-    try:
-        doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    try:  # NaN/Infinity would parse here but make to_json() fail: refuse them
+        doc = json.loads(data, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:  # incl. the int digit limit
         raise ManifestError(f"{name}: not valid JSON ({e})") from None
     if not isinstance(doc, dict):
         raise ManifestError(f"{name}: must be a JSON object")
@@ -329,7 +345,9 @@ def _parse_manifest(data: bytes | str, name: str) -> Manifest:
         raise ManifestError(f"{name}: not an asyncload manifest (format={doc.get('format')!r})")
     version = _nonneg(doc, "version", name)
     if version != FORMAT_VERSION:
-        raise ManifestError(f"{name}: manifest version {version} is not supported (this reader knows {FORMAT_VERSION})")
+        raise ManifestError(
+            f"{name}: manifest version {version} is not supported (this reader knows {FORMAT_VERSION})"
+        )
     mid = _req(doc, "id", str, name)
     block_size = _nonneg(doc, "block_size", name)
     total = _nonneg(doc, "total_size", name)
@@ -367,13 +385,10 @@ def _parse_manifest(data: bytes | str, name: str) -> Manifest:
         crc: int | None
         if crc_raw is None:
             crc = None
-        elif isinstance(crc_raw, str) and len(crc_raw) == 8:
-            try:
-                crc = int(crc_raw, 16)
-            except ValueError:
-                raise ManifestError(f"{where}: crc32c {crc_raw!r} is not 8 hex digits") from None
+        elif isinstance(crc_raw, str) and _HEX8.fullmatch(crc_raw):
+            crc = int(crc_raw, 16)
         else:
-            raise ManifestError(f"{where}: crc32c must be 8 hex digits")
+            raise ManifestError(f"{where}: crc32c {crc_raw!r} must be 8 hex digits")
         key_off = _nonneg(b, "key_offset", where) if "key_offset" in b else 0
         blocks.append(BlockRef(i, src, key, off, length, crc, key_off))
         pos += length
@@ -392,7 +407,9 @@ def _parse_manifest(data: bytes | str, name: str) -> Manifest:
         off, size = _nonneg(f, "offset", where), _nonneg(f, "size", where)
         kind = _req(f, "kind", str, where)
         if off != fpos or kind not in ("safetensors", "index"):
-            raise ManifestError(f"{where}: offset must follow the previous file and kind be safetensors|index")
+            raise ManifestError(
+                f"{where}: offset must follow the previous file and kind be safetensors|index"
+            )
         files.append(FileEntry(path, off, size, kind))
         fpos += size
     if fpos != total:
@@ -415,11 +432,23 @@ def _parse_manifest(data: bytes | str, name: str) -> Manifest:
             raise ManifestError(f"{where}: offsets {offs!r} must be [begin, end] within total_size {total}")
         want = expected_nbytes(dtype, shape)
         if want is not None and want != offs[1] - offs[0]:
-            raise ManifestError(f"{where}: {dtype} {list(shape)} needs {want} bytes, offsets span {offs[1] - offs[0]}")
+            raise ManifestError(
+                f"{where}: {dtype} {list(shape)} needs {want} bytes, offsets span {offs[1] - offs[0]}"
+            )
         tensors.append(TensorInfo(tname, dtype, shape, offs[0], offs[1]))
     tensors.sort(key=lambda t: (t.begin, t.end))
     _check_no_overlap(tensors, name, ManifestError)
     extra = doc.get("extra", {})
     if not isinstance(extra, dict):
         raise ManifestError(f"{name}: 'extra' must be an object")
-    return Manifest(mid, block_size, total, tuple(files), tuple(tensors), tuple(sources), tuple(blocks), version, extra)
+    return Manifest(
+        mid,
+        block_size,
+        total,
+        tuple(files),
+        tuple(tensors),
+        tuple(sources),
+        tuple(blocks),
+        version,
+        extra,
+    )

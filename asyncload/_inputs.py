@@ -130,9 +130,7 @@ def _check_hf_index(m: Manifest, directory: Path) -> None:
             raise HeaderError(f"{index}: tensor {name!r} is mapped to {shard!r} but is not in that shard")
 
 
-def _open_sync(
-    target: Path, block_size: int
-) -> tuple[Manifest, Path, str]:
+def _open_sync(target: Path, block_size: int) -> tuple[Manifest, Path, str]:
     if target.is_dir():
         files = _hf_files(target)
         m = _in_place(files, block_size)
@@ -148,7 +146,11 @@ def _open_sync(
             raise ManifestError(f"{target}: {size} bytes is larger than any manifest asyncload writes")
         data = target.read_bytes()
         return Manifest.from_json(data, name=str(target)), target.parent, "manifest"
-    return _in_place([(target, target.name, "safetensors")], block_size), target.parent, "safetensors"
+    return (
+        _in_place([(target, target.name, "safetensors")], block_size),
+        target.parent,
+        "safetensors",
+    )
 
 
 def resolve_location(location: str, base: Path) -> Path:
@@ -168,7 +170,7 @@ async def open_input(
     ``sources`` re-points source ids at new locations (relative locations given
     here resolve against the current directory).
     """
-    path = Path(os.fspath(target)).expanduser()
+    path = Path(os.path.expanduser(os.fspath(target)))  # noqa: ASYNC240 - no I/O, reads $HOME only
     repoint = dict(sources or {})
     manifest, base, kind = await anyio.to_thread.run_sync(_open_sync, path, block_size)
     known = {s.id for s in manifest.sources}
@@ -178,7 +180,7 @@ async def open_input(
     built: dict[str, Source] = {}
     for ref in manifest.sources:
         if ref.id in repoint:
-            loc = Path(repoint[ref.id]).expanduser()
+            loc = Path(os.path.expanduser(repoint[ref.id]))  # noqa: ASYNC240 - no I/O
         elif kind == "manifest":
             loc = resolve_location(ref.location, base)
         else:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -92,7 +92,8 @@ class Model:
         self.limits.check(len(self._sources))
         self._ring = Ring(self.limits.block_size, self.limits.slots)
         limiters = {k: anyio.CapacityLimiter(self.limits.reads_per_source) for k in self._sources}
-        self._reader = BlockReader(self._ring, self._sources, limiters)
+        threads = anyio.CapacityLimiter(self.limits.threads)
+        self._reader = BlockReader(self._ring, self._sources, limiters, threads)
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         return self
@@ -143,9 +144,7 @@ class Model:
         if self._tg is None or self._closed:
             raise ClosedError("the model is not open: use 'async with asyncload.open(...) as model'")
         if self._stream is not None and self._stream.active and not self._stream.closing:
-            raise RuntimeError(
-                "another stream of this model is still running; finish or aclose() it first"
-            )
+            raise RuntimeError("another stream of this model is still running; finish or aclose() it first")
         if self._stream is not None:
             self._stream.cancel()
         assert self._reader is not None
@@ -223,6 +222,8 @@ class _Opener:
         if in_place_bs < MIN_BLOCK_SIZE:
             raise BudgetError(f"block_size {in_place_bs} is below the minimum {MIN_BLOCK_SIZE}")
         opened = await open_input(self._target, block_size=in_place_bs, sources=kw["sources"])
+        if kw["wrap_source"] is not None:
+            opened.sources = {k: kw["wrap_source"](s) for k, s in opened.sources.items()}
         limits = Limits(
             budget=budget,
             block_size=opened.manifest.block_size,
@@ -248,13 +249,16 @@ def open(
     block_size: int | str | None = None,
     sources: Mapping[str, str] | None = None,
     reads_per_source: int = 4,
+    wrap_source: Callable[[Source], Source] | None = None,
 ) -> _Opener:
     """Open a manifest, a ``.safetensors`` file or a Hugging Face directory for loading.
 
     ``budget`` (S) is the size of the slot ring; it must hold one block per
     source. ``block_size`` only applies to inputs read in place (a manifest
     fixes its own). ``sources`` re-points manifest source ids at new locations.
-    ``open()`` never writes.
+    ``open()`` never writes. ``wrap_source`` is a testing hook: each source is
+    replaced by ``wrap_source(source)`` before any read (see
+    :class:`asyncload.testing.FaultySource`).
     """
     return _Opener(
         target,
@@ -263,6 +267,7 @@ def open(
         block_size=block_size,
         sources=sources,
         reads_per_source=reads_per_source,
+        wrap_source=wrap_source,
     )
 
 

@@ -7,12 +7,13 @@ it is tested with hypothesis directly.
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ._format import BlockRef, TensorInfo
 
-__all__ = ["BlockPlan", "LoadPlan", "Segment", "cut_blocks", "plan_load", "place_blocks"]
+__all__ = ["BlockPlan", "LoadPlan", "Segment", "cut_blocks", "place_blocks", "plan_load"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +67,8 @@ def plan_load(blocks: Sequence[BlockRef], tensors: Sequence[TensorInfo]) -> Load
         bi = bisect.bisect_right(starts, t.begin) - 1
         pos = t.begin
         while pos < t.end:
-            b = blocks[bi]
-            if not b.offset <= pos < b.end:
+            b = blocks[bi] if 0 <= bi < len(blocks) else None  # past the last block / none at all
+            if b is None or not b.offset <= pos < b.end:
                 raise ValueError(f"tensor {t.name!r} byte {pos} is not covered by block {bi}")
             n = min(t.end, b.end) - pos
             per_block.setdefault(bi, []).append(Segment(ti, pos - b.offset, pos - t.begin, n))
@@ -88,7 +89,7 @@ def cut_blocks(total: int, block_size: int, boundaries: Sequence[int] = ()) -> l
         raise ValueError("block_size must be positive")
     cuts = sorted({b for b in boundaries if 0 < b < total} | {0, total})
     out: list[tuple[int, int]] = []
-    for lo, hi in zip(cuts, cuts[1:], strict=False):
+    for lo, hi in itertools.pairwise(cuts):
         pos = lo
         while pos < hi:
             n = min(block_size, hi - pos)

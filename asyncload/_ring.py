@@ -47,7 +47,7 @@ class Slot:
         self._refs = 0
 
     def view(self, n: int | None = None) -> memoryview:
-        return memoryview(self.memory)[: self.used if n is None else n]
+        return self.memory.data[: self.used if n is None else n]
 
     def __repr__(self) -> str:
         return f"<Slot {self.index} used={self.used}>"
@@ -71,9 +71,7 @@ class Ring:
         self._memory = np.empty(slot_size * count, dtype=np.uint8)
         if touch:
             self._memory.fill(0)  # fault every page in once, here, not on the first read
-        self._slots = [
-            Slot(i, self._memory[i * slot_size : (i + 1) * slot_size]) for i in range(count)
-        ]
+        self._slots = [Slot(i, self._memory[i * slot_size : (i + 1) * slot_size]) for i in range(count)]
         self._free: deque[Slot] = deque(self._slots)
         self._waiters: deque[_Waiter] = deque()
         self._closed = False

@@ -34,11 +34,11 @@ def crc32c_of(data: memoryview) -> int:
     return int(_crc32c.crc32c(data))
 
 
-async def checksum(data: memoryview) -> int:
+async def checksum(data: memoryview, threads: anyio.CapacityLimiter | None = None) -> int:
     """crc32c of ``data``; large buffers are hashed in a worker thread (the GIL is released)."""
     if len(data) <= INLINE_BYTES:
         return crc32c_of(data)
-    return await anyio.to_thread.run_sync(crc32c_of, data)
+    return await anyio.to_thread.run_sync(crc32c_of, data, limiter=threads)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,10 +57,14 @@ class BlockReader:
         ring: Ring,
         sources: Mapping[str, Source],
         limiters: Mapping[str, anyio.CapacityLimiter],
+        threads: anyio.CapacityLimiter | None = None,
     ) -> None:
         self.ring = ring
         self.sources = sources
         self.limiters = limiters
+        self.threads = threads
+        for s in sources.values():
+            s.threads = threads
         self._blocks_read = 0
         self._bytes_in_flight = 0
         self._reads_in_flight = 0
@@ -74,7 +78,7 @@ class BlockReader:
     async def read_block(self, block: BlockRef, slot: Slot) -> None:
         """Fill ``slot`` with ``block``'s bytes, verified; raise an IntegrityError/SourceError otherwise."""
         source = self.sources[block.source]
-        buf = memoryview(slot.memory)[: block.length]
+        buf = slot.memory.data[: block.length]
         self._bytes_in_flight += block.length
         self._reads_in_flight += 1
         try:
@@ -90,7 +94,7 @@ class BlockReader:
             )
         slot.used = n
         if block.crc32c is not None:
-            got = await checksum(buf)
+            got = await checksum(buf, self.threads)
             if got != block.crc32c:
                 self._checksum_failures += 1
                 raise ChecksumError(
@@ -140,11 +144,17 @@ def unwrap_group(exc: BaseException) -> BaseException:
 
     Cancellations of sibling tasks are noise once one task has failed; when
     exactly one other error remains it is raised as is, so callers can write
-    ``except ChecksumError``. Several distinct errors stay a group.
+    ``except ChecksumError``. Several errors of one type (the same fault seen
+    by concurrent reads, e.g. a missing source directory) become the first of
+    them, with the others added as notes. Errors of different types stay a group.
     """
     while isinstance(exc, BaseExceptionGroup):
         real = [e for e in _leaves(exc) if not isinstance(e, anyio.get_cancelled_exc_class())]
         if len(real) == 1:
+            return real[0]
+        if real and all(type(e) is type(real[0]) for e in real):
+            for other in real[1:]:
+                real[0].add_note(f"also: {other}")
             return real[0]
         if not real:
             return exc

@@ -97,7 +97,10 @@ async def unpack(
     fds = {k: os.open(t, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600) for k, t in temps.items()}
     ring = Ring(limits.block_size, limits.slots)
     reader = BlockReader(
-        ring, opened.sources, {k: anyio.CapacityLimiter(limits.reads_per_source) for k in opened.sources}
+        ring,
+        opened.sources,
+        {k: anyio.CapacityLimiter(limits.reads_per_source) for k in opened.sources},
+        anyio.CapacityLimiter(limits.threads),
     )
     ok = False
 
@@ -109,7 +112,9 @@ async def unpack(
 
     async def on_block(block: BlockRef, slot: Slot) -> None:
         try:
-            await anyio.to_thread.run_sync(write_block, block, memoryview(slot.memory)[: block.length])
+            await anyio.to_thread.run_sync(
+                write_block, block, slot.memory.data[: block.length], limiter=reader.threads
+            )
         finally:
             ring.release(slot)
         if progress is not None:
@@ -176,7 +181,10 @@ async def verify(
     limits = _limits(budget, man.block_size, len(opened.sources))
     ring = Ring(limits.block_size, limits.slots)
     reader = BlockReader(
-        ring, opened.sources, {k: anyio.CapacityLimiter(limits.reads_per_source) for k in opened.sources}
+        ring,
+        opened.sources,
+        {k: anyio.CapacityLimiter(limits.reads_per_source) for k in opened.sources},
+        anyio.CapacityLimiter(limits.threads),
     )
     bad: list[BadBlock] = []
     checked = 0

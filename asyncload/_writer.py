@@ -36,9 +36,7 @@ __all__ = ["ScatterWriter", "commit_manifest", "pack_opened", "save_tensors"]
 
 Progress = Callable[[int], None]
 TensorsInput = (
-    Mapping[str, np.ndarray]
-    | Iterable[tuple[str, np.ndarray]]
-    | AsyncIterable[tuple[str, np.ndarray]]
+    Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]] | AsyncIterable[tuple[str, np.ndarray]]
 )
 
 
@@ -50,13 +48,18 @@ class ScatterWriter:
         self.ring = ring
         self.limiters = {s.id: anyio.CapacityLimiter(limits.reads_per_source) for s in self.sources}
         self.ckpt_id = ckpt_id
+        self.threads = anyio.CapacityLimiter(limits.threads)
+        for s in self.sources:
+            s.threads = self.threads
         self.blocks: dict[int, BlockRef] = {}
         self.bytes_written = 0
 
-    async def _write(self, tag: int, src: Source, key: str, offset: int, slot: Slot, progress: Progress | None) -> None:
+    async def _write(
+        self, tag: int, src: Source, key: str, offset: int, slot: Slot, progress: Progress | None
+    ) -> None:
         try:
-            data = memoryview(slot.memory)[: slot.used]
-            crc = await checksum(data)
+            data = slot.memory.data[: slot.used]
+            crc = await checksum(data, self.threads)
             async with self.limiters[src.id]:
                 await src.write(key, data)
             self.blocks[tag] = BlockRef(tag, src.id, key, offset, len(data), crc)
@@ -190,7 +193,9 @@ async def save_tensors(
                         slot = await ring.acquire()
                     n = min(m - slot.used, flat.nbytes - done)
                     if n >= INLINE_BYTES:
-                        await anyio.to_thread.run_sync(_fill, slot.memory, slot.used, flat, done, n)
+                        await anyio.to_thread.run_sync(
+                            _fill, slot.memory, slot.used, flat, done, n, limiter=writer.threads
+                        )
                     else:
                         _fill(slot.memory, slot.used, flat, done, n)
                     slot.used += n
@@ -198,13 +203,27 @@ async def save_tensors(
                     data_pos += n
                     if slot.used == m:
                         # Data block offsets are fixed once the header size is known.
-                        writer.submit(tg, 1_000_000_000 + n_data, n_data % len(srcs),
-                                      f"d{n_data:06d}", data_pos - m, slot, progress)
+                        writer.submit(
+                            tg,
+                            1_000_000_000 + n_data,
+                            n_data % len(srcs),
+                            f"d{n_data:06d}",
+                            data_pos - m,
+                            slot,
+                            progress,
+                        )
                         n_data += 1
                         slot = None
             if slot is not None and slot.used:
-                writer.submit(tg, 1_000_000_000 + n_data, n_data % len(srcs),
-                              f"d{n_data:06d}", data_pos - slot.used, slot, progress)
+                writer.submit(
+                    tg,
+                    1_000_000_000 + n_data,
+                    n_data % len(srcs),
+                    f"d{n_data:06d}",
+                    data_pos - slot.used,
+                    slot,
+                    progress,
+                )
                 n_data += 1
             elif slot is not None:
                 ring.release(slot)
@@ -234,7 +253,14 @@ async def save_tensors(
         id=ckpt_id,
         block_size=m,
         total_size=total,
-        files=(FileEntry(mpath.name.removesuffix(".json").removesuffix(".asyncload") + ".safetensors", 0, total, "safetensors"),),
+        files=(
+            FileEntry(
+                mpath.name.removesuffix(".json").removesuffix(".asyncload") + ".safetensors",
+                0,
+                total,
+                "safetensors",
+            ),
+        ),
         tensors=hdr.tensors,
         sources=tuple(_manifest_sources(sources, mpath.parent)),
         blocks=tuple(blocks),
@@ -262,15 +288,25 @@ async def pack_opened(
     ring = Ring(limits.block_size, limits.slots)
     writer = ScatterWriter(dest, ring, limits, ckpt_id)
     reader = BlockReader(
-        ring, opened.sources, {k: anyio.CapacityLimiter(limits.reads_per_source) for k in opened.sources}
+        ring,
+        opened.sources,
+        {k: anyio.CapacityLimiter(limits.reads_per_source) for k in opened.sources},
+        writer.threads,
     )
     placement = place_blocks(len(src_man.blocks), len(dest))
     try:
         async with anyio.create_task_group() as tg:
 
             async def on_block(block: BlockRef, slot: Slot) -> None:
-                writer.submit(tg, block.index, placement[block.index], f"{block.index:06d}",
-                              block.offset, slot, progress)
+                writer.submit(
+                    tg,
+                    block.index,
+                    placement[block.index],
+                    f"{block.index:06d}",
+                    block.offset,
+                    slot,
+                    progress,
+                )
 
             await reader.run(src_man.blocks, on_block)
         await writer.sync()
@@ -287,5 +323,3 @@ async def pack_opened(
         blocks=blocks,
     )
     return await commit_manifest(mpath, manifest)
-
-

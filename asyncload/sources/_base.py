@@ -5,6 +5,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+import anyio
+
 __all__ = ["Source", "SourceStatistics"]
 
 
@@ -39,6 +41,8 @@ class Source(ABC):
         self.location = location
         self._reads = self._bytes_read = self._writes = self._bytes_written = 0
         self._errors = self._in_flight = 0
+        # Worker-thread limiter shared by everything one model or save does; set by the owner.
+        self.threads: anyio.CapacityLimiter | None = None
 
     @abstractmethod
     async def read_into(self, key: str, offset: int, buf: memoryview) -> int:

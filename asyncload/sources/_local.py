@@ -74,8 +74,8 @@ class LocalSource(Source):
     async def read_into(self, key: str, offset: int, buf: memoryview) -> int:
         self._in_flight += 1
         try:
-            n = await anyio.to_thread.run_sync(self._read_sync, key, offset, buf)
-        except BaseException:
+            n = await anyio.to_thread.run_sync(self._read_sync, key, offset, buf, limiter=self.threads)
+        except Exception:  # a cancelled read is not an error
             self._errors += 1
             raise
         finally:
@@ -120,7 +120,7 @@ class LocalSource(Source):
     async def write(self, key: str, data: memoryview) -> None:
         self._in_flight += 1
         try:
-            await anyio.to_thread.run_sync(self._write_sync, key, data)
+            await anyio.to_thread.run_sync(self._write_sync, key, data, limiter=self.threads)
         except OSError as e:
             self._errors += 1
             if isinstance(e, BlockNotFoundError | SourceUnavailableError):

@@ -1,0 +1,369 @@
+"""The ``asyncload`` command: thin — parses, calls the public API, draws progress."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from typing import Any
+
+import anyio
+
+from . import __version__
+from ._config import DEFAULT_BLOCK_SIZE, DEFAULT_BUDGET, format_size, parse_size
+from ._exceptions import AsyncloadError
+from ._loader import open as open_model
+from ._metrics import LagMonitor, current_rss, peak_rss, reset_peak_rss
+from ._tools import pack, unpack, verify
+
+__all__ = ["main"]
+
+
+class _Progress:
+    """A tqdm bar on stderr when it is a terminal (and not --quiet); a no-op otherwise."""
+
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        self._bar: Any = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=total,
+                desc=desc,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                leave=False,
+                file=sys.stderr,
+            )
+
+    def __call__(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except AsyncloadError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _sources_arg(items: Sequence[str] | None) -> dict[str, str] | None:
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        sid, sep, loc = item.partition("=")
+        if not sep or not sid or not loc:
+            raise AsyncloadError(f"--source expects ID=LOCATION, got {item!r}")
+        out[sid] = loc
+    return out
+
+
+async def _total_of(target: str, budget: int) -> int:
+    async with open_model(target, budget=budget) as m:
+        return m.manifest.total_size
+
+
+# --------------------------------------------------------------------------- commands
+
+
+async def cmd_pack(a: argparse.Namespace) -> int:
+    from ._inputs import open_input
+
+    opened = await open_input(a.src, block_size=a.block_size)
+    bar = _Progress(opened.manifest.total_size, "pack", not a.quiet)
+    t0 = time.perf_counter()
+    try:
+        path = await pack(a.src, a.to, a.output, block_size=a.block_size, budget=a.budget, progress=bar)
+    finally:
+        bar.close()
+    dt = time.perf_counter() - t0
+    size = opened.manifest.total_size
+    print(
+        f"packed {size} bytes ({format_size(size)}) over {len(a.to)} sources in {dt:.2f} s "
+        f"({size / dt / 1e9:.2f} GB/s) -> {path}"
+    )
+    return 0
+
+
+async def cmd_unpack(a: argparse.Namespace) -> int:
+    from ._inputs import open_input
+
+    opened = await open_input(a.manifest, block_size=DEFAULT_BLOCK_SIZE, sources=_sources_arg(a.source))
+    bar = _Progress(opened.manifest.total_size, "unpack", not a.quiet)
+    try:
+        paths = await unpack(
+            a.manifest, a.output, budget=a.budget, sources=_sources_arg(a.source), progress=bar
+        )
+    finally:
+        bar.close()
+    for p in paths:
+        print(p)
+    return 0
+
+
+async def cmd_load(a: argparse.Namespace) -> int:
+    baseline = current_rss()
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    kept: list[Any] = []
+    n = tensors = 0
+    async with open_model(
+        a.target, budget=a.budget, block_size=a.block_size, sources=_sources_arg(a.source)
+    ) as model:
+        bar = _Progress(model.nbytes, "load", not a.quiet and not a.json)
+        async with LagMonitor() as lag:
+            try:
+                async with model.stream(copy=a.mode != "lease") as stream:
+                    async for _name, arr in stream:
+                        n += arr.nbytes
+                        tensors += 1
+                        if a.mode == "load":
+                            kept.append(arr)
+                        bar(arr.nbytes)
+            finally:
+                bar.close()
+        dt = time.perf_counter() - t0
+        stats = model.statistics()
+    growth = max(0, peak_rss() - baseline)
+    lagsum = lag.summary()
+    result = {
+        "target": a.target,
+        "mode": a.mode,
+        "bytes": n,
+        "tensors": tensors,
+        "seconds": dt,
+        "gbps": n / dt / 1e9 if dt > 0 else 0.0,
+        "budget": a.budget,
+        "peak_rss_growth": growth,
+        "lag_ms": {"p50": lagsum.p50_ms, "p99": lagsum.p99_ms, "max": lagsum.max_ms},
+        "blocks_read": stats.blocks_read,
+        "slot_waits": stats.slot_waits,
+        "bytes_read_per_source": dict(stats.bytes_read_per_source),
+    }
+    del kept
+    if a.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"{tensors} tensors, {n} bytes ({format_size(n)}) in {dt:.3f} s = {result['gbps']:.2f} GB/s "
+            f"[{a.mode}, budget {format_size(a.budget)}]"
+        )
+        print(
+            f"peak RSS growth {format_size(growth)}; event-loop lag p50 {lagsum.p50_ms:.2f} ms, "
+            f"p99 {lagsum.p99_ms:.2f} ms, max {lagsum.max_ms:.2f} ms"
+        )
+        per = ", ".join(f"{k}: {format_size(v)}" for k, v in stats.bytes_read_per_source.items())
+        print(f"blocks read {stats.blocks_read}, waits for a slot {stats.slot_waits}; per source: {per}")
+    return 0
+
+
+async def cmd_verify(a: argparse.Namespace) -> int:
+    total = await _total_of(a.manifest, a.budget) if not a.quiet else 0
+    bar = _Progress(total, "verify", not a.quiet and not a.json)
+    try:
+        report = await verify(a.manifest, budget=a.budget, sources=_sources_arg(a.source), progress=bar)
+    finally:
+        bar.close()
+    if a.json:
+        print(
+            json.dumps(
+                {
+                    "manifest": report.manifest,
+                    "blocks": report.blocks,
+                    "bytes_checked": report.bytes_checked,
+                    "ok": report.ok,
+                    "bad": [asdict(b) for b in report.bad],
+                }
+            )
+        )
+    else:
+        for b in report.bad:
+            print(f"BAD block {b.index} (source {b.source}, key {b.key}): {b.error}")
+        state = "OK" if report.ok else f"{len(report.bad)} bad block(s)"
+        print(f"{report.manifest}: {report.blocks} blocks, {report.bytes_checked} bytes checked: {state}")
+    return 0 if report.ok else 1
+
+
+async def cmd_info(a: argparse.Namespace) -> int:
+    async with open_model(a.target, budget=a.budget, sources=_sources_arg(a.source)) as model:
+        m = model.manifest
+        if a.json:
+            print(m.to_json().decode(), end="")
+            return 0
+        print(f"{model.origin} ({model.kind}), id {m.id}")
+        print(
+            f"  {len(m.tensors)} tensors, {m.total_size} bytes ({format_size(m.total_size)}), "
+            f"{len(m.blocks)} blocks of up to {format_size(m.block_size)}"
+        )
+        for f in m.files:
+            print(f"  file {f.path}: {f.size} bytes ({f.kind})")
+        for s in m.sources:
+            count = sum(1 for b in m.blocks if b.source == s.id)
+            print(f"  source {s.id}: {s.location} ({count} blocks)")
+        shown = m.tensors if a.all else m.tensors[:20]
+        for t in shown:
+            print(f"  {t.name}: {t.dtype} {list(t.shape)} {t.nbytes} bytes")
+        if len(shown) < len(m.tensors):
+            print(f"  ... {len(m.tensors) - len(shown)} more (use --all)")
+    return 0
+
+
+async def cmd_demo(a: argparse.Namespace) -> int:
+    from ._demo import run_demo
+
+    return await run_demo(
+        size=a.size,
+        budget=a.budget,
+        block_size=a.block_size,
+        sources=a.sources,
+        keep=a.keep,
+        quiet=a.quiet,
+    )
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="asyncload",
+        description="Store model checkpoints as blocks over several sources; load them back "
+        "with asyncio inside a fixed memory budget.",
+    )
+    p.add_argument("--version", action="version", version=f"asyncload {__version__}")
+    p.add_argument(
+        "--backend",
+        choices=["asyncio", "uvloop"],
+        default="uvloop" if os.name != "nt" else "asyncio",
+        help="event loop to run on (default: uvloop where available)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    size_help = "a size in bytes or with a unit, e.g. 64MiB, 1GiB"
+
+    def budget(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--budget",
+            type=_size,
+            default=DEFAULT_BUDGET,
+            help=f"memory budget S for the slot ring (default {format_size(DEFAULT_BUDGET)}; {size_help})",
+        )
+
+    def source(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--source",
+            action="append",
+            metavar="ID=LOCATION",
+            help="re-point a manifest source at a new location (repeatable)",
+        )
+
+    sp = sub.add_parser(
+        "pack", help="cut a .safetensors file or HF model directory into blocks over directories"
+    )
+    sp.add_argument("src", help=".safetensors file or Hugging Face model directory")
+    sp.add_argument(
+        "--to",
+        nargs="+",
+        required=True,
+        metavar="DIR",
+        help="source directories (block i goes to DIR i mod k)",
+    )
+    sp.add_argument(
+        "-o", "--output", help="manifest path (default: <name>.asyncload.json beside the first DIR)"
+    )
+    sp.add_argument(
+        "--block-size",
+        type=_size,
+        default=DEFAULT_BLOCK_SIZE,
+        help=f"block size m (default {format_size(DEFAULT_BLOCK_SIZE)}, at least 4KiB)",
+    )
+    budget(sp)
+    sp.set_defaults(func=cmd_pack)
+
+    sp = sub.add_parser("unpack", help="rebuild the original file(s) byte-identically")
+    sp.add_argument("manifest")
+    sp.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="output file (one-file checkpoint) or directory (sharded checkpoint)",
+    )
+    budget(sp)
+    source(sp)
+    sp.set_defaults(func=cmd_unpack)
+
+    sp = sub.add_parser(
+        "load", help="read every tensor through the ring and report speed, memory and loop lag"
+    )
+    sp.add_argument("target", help="manifest, .safetensors file or HF model directory")
+    budget(sp)
+    sp.add_argument(
+        "--block-size",
+        type=_size,
+        default=None,
+        help="block size for inputs read in place (default: min(16MiB, budget/2))",
+    )
+    sp.add_argument(
+        "--mode",
+        choices=["load", "stream", "lease"],
+        default="load",
+        help="load: keep owned arrays (like load_file); stream: drop each owned array; "
+        "lease: zero-copy views into slots (default: load)",
+    )
+    sp.add_argument("--json", action="store_true", help="print one JSON object")
+    source(sp)
+    sp.set_defaults(func=cmd_load)
+
+    sp = sub.add_parser("verify", help="check every block's length and crc32c; exit 1 naming each bad block")
+    sp.add_argument("manifest")
+    budget(sp)
+    sp.add_argument("--json", action="store_true", help="print one JSON object")
+    source(sp)
+    sp.set_defaults(func=cmd_verify)
+
+    sp = sub.add_parser("info", help="show tensors, sizes, sources and blocks")
+    sp.add_argument("target", help="manifest, .safetensors file or HF model directory")
+    sp.add_argument("--all", action="store_true", help="list every tensor")
+    sp.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    budget(sp)
+    source(sp)
+    sp.set_defaults(func=cmd_info)
+
+    sp = sub.add_parser("demo", help="make a synthetic model, pack it over 4 temp dirs, load it back, verify")
+    sp.add_argument("--size", type=_size, default=256 << 20, help="model size (default 256MiB)")
+    sp.add_argument("--budget", type=_size, default=64 << 20, help="memory budget (default 64MiB)")
+    sp.add_argument("--block-size", type=_size, default=4 << 20, help="block size (default 4MiB)")
+    sp.add_argument("--sources", type=int, default=4, help="number of source directories (default 4)")
+    sp.add_argument("--keep", metavar="DIR", help="keep the store in DIR instead of a temp dir")
+    sp.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], Any] = args.func
+    try:
+        return int(
+            anyio.run(
+                func,
+                args,
+                backend="asyncio",
+                backend_options={"use_uvloop": args.backend == "uvloop"},
+            )
+        )
+    except AsyncloadError as e:
+        print(f"asyncload: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
