@@ -6,9 +6,15 @@ arrays the consumer holds (its business). A tensor gets its output array only
 by reserving its size from A, and reservations are granted in stream order,
 one tensor at a time; the head of the queue always gets one when nothing else
 is reserved, so a tensor larger than A (or than S) still loads, piece by
-piece. A reservation is returned when the consumer takes the tensor. With
+piece. A reservation is returned when the consumer takes the tensor, but the
+last array handed over still counts against A until the next one is taken
+(``async for`` keeps it bound while it asks for the next). With
 A = max(largest tensor, slot size), a streaming consumer that drops each
-array peaks at about S + largest tensor. Because reservations follow stream
+array therefore peaks at about S + A. The head of the queue is granted beyond A
+only when nothing else is reserved and either the consumer has dropped the
+last array (tracked with a weakref finalizer) or is waiting for the next one:
+a consumer that keeps arrays (``load()``) never deadlocks, and one that drops
+them (``del arr``) never has two large tensors alive at once. Because reservations follow stream
 order and reads are issued in stream order, the tensor holding the allowance
 always has its blocks in flight, so the pipeline cannot deadlock.
 """
@@ -78,13 +84,16 @@ class _Assembly:
         largest = max((tensors[i].nbytes for i in self.order), default=0)
         self.allowance = max(largest, ring.slot_size)
         self.next_res = 0
-        self.reserved = 0
+        self.reserved = 0  # bytes of output arrays allocated and not yet delivered
+        self.held = 0  # bytes of the last array delivered: the consumer still holds it
         self.outs: dict[int, np.ndarray] = {}
         self.remaining = list(plan.pieces)
         self.res_waiters: dict[int, anyio.Event] = {}
         self.ready: deque[tuple[int, np.ndarray, Slot | None]] = deque()
         self.delivered = 0
         self.wakeup = anyio.Event()
+        self.consumer_waiting = False
+        self._held_token = 0
 
     # -- reservations (synchronous state) ------------------------------------------
     def try_reserve(self, ti: int) -> bool:
@@ -94,8 +103,11 @@ class _Assembly:
         if k > self.next_res:
             return False
         size = self.plan.tensors[ti].nbytes
-        if self.reserved and self.reserved + size > self.allowance:
-            return False
+        if self.reserved or (self.held and not self.consumer_waiting):
+            # Beyond the head-of-line grant, everything must fit in the allowance
+            # next to the array the consumer was handed last (while it holds it).
+            if self.reserved + self.held + size > self.allowance:
+                return False
         self.outs[ti] = np.empty(size, dtype=np.uint8)
         self.reserved += size
         self.next_res += 1
@@ -125,12 +137,29 @@ class _Assembly:
         if not self.ready:
             return None
         ti, raw, lease = self.ready.popleft()
+        self.held = 0
+        self._held_token += 1
         if lease is None and ti in self.outs:
             del self.outs[ti]
-            self.reserved -= self.plan.tensors[ti].nbytes
-            self._wake_reserver()
+            size = self.plan.tensors[ti].nbytes
+            self.reserved -= size
+            self.held = size
+            # When the consumer lets go of the array, it no longer counts.
+            weakref.finalize(raw, self._dropped, self._held_token)
+        self._wake_reserver()
         self.delivered += 1
         return ti, raw, lease
+
+    def _dropped(self, token: int) -> None:
+        # May run on any thread that drops the last reference: only plain stores here;
+        # a waiting reservation is re-checked when the consumer next waits.
+        if token == self._held_token:
+            self.held = 0
+
+    def set_consumer_waiting(self, waiting: bool) -> None:
+        self.consumer_waiting = waiting
+        if waiting:
+            self._wake_reserver()
 
     def drop_leases(self) -> None:
         while self.ready:
@@ -276,7 +305,11 @@ class TensorStream:
                 await self.aclose()
                 raise StopAsyncIteration
             asm.wakeup = anyio.Event()
-            await asm.wakeup.wait()
+            asm.set_consumer_waiting(True)
+            try:
+                await asm.wakeup.wait()
+            finally:
+                asm.set_consumer_waiting(False)
 
     def _release_lease(self) -> None:
         if self._lease is not None:

@@ -128,9 +128,10 @@ async def cmd_load(a: argparse.Namespace) -> int:
                     async for _name, arr in stream:
                         n += arr.nbytes
                         tensors += 1
+                        bar(arr.nbytes)
                         if a.mode == "load":
                             kept.append(arr)
-                        bar(arr.nbytes)
+                        del arr  # a streaming consumer lets go before asking for the next
             finally:
                 bar.close()
         dt = time.perf_counter() - t0
@@ -367,3 +368,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # output piped into e.g. `head`
+        sys.stderr.close()
+        return 1
