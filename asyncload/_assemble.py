@@ -21,6 +21,7 @@ always has its blocks in flight, so the pipeline cannot deadlock.
 
 from __future__ import annotations
 
+import mmap
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -29,7 +30,6 @@ from typing import Any
 
 import anyio
 import anyio.abc
-import anyio.to_thread
 import numpy as np
 
 from ._dtypes import numpy_dtype
@@ -38,6 +38,7 @@ from ._format import BlockRef, TensorInfo
 from ._plan import BlockPlan, LoadPlan, Segment
 from ._ring import Ring, Slot
 from ._scheduler import INLINE_BYTES, BlockReader, unwrap_group
+from ._threads import run_sync
 
 __all__ = ["AssemblyStatistics", "TensorStream"]
 
@@ -54,6 +55,28 @@ def as_array(info: TensorInfo, raw: np.ndarray) -> np.ndarray:
     """View raw uint8 bytes as the tensor's dtype and shape (no copy)."""
     dt = numpy_dtype(info.dtype, tensor=info.name)
     return raw.view(dt).reshape(info.shape)
+
+
+# Output arrays from this size up get their own anonymous mapping (see output_array).
+OWN_MAPPING_BYTES = 1 << 20
+
+
+def output_array(size: int) -> np.ndarray:
+    """A writable uint8 array of ``size`` bytes to assemble a tensor into.
+
+    Large arrays are backed by their own anonymous mapping, so the memory goes
+    back to the OS as soon as the consumer drops the array. From numpy's usual
+    malloc, glibc keeps freed chunks below its dynamic mmap threshold (up to
+    32 MiB) in the heap, and a streaming consumer's peak RSS drifts tens of MiB
+    past S + largest tensor.
+    """
+    if size < OWN_MAPPING_BYTES or not hasattr(mmap, "MAP_PRIVATE"):
+        return np.empty(size, dtype=np.uint8)
+    # Private, not mmap's default shared mapping: shmem pages get no huge pages and unmap slowly.
+    mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        mem.madvise(mmap.MADV_HUGEPAGE)  # as numpy does for its own large arrays
+    return np.frombuffer(mem, dtype=np.uint8)
 
 
 def _copy_segments(jobs: list[tuple[np.ndarray, int, np.ndarray, int, int]]) -> None:
@@ -108,9 +131,12 @@ class _Assembly:
             # next to the array the consumer was handed last (while it holds it).
             if self.reserved + self.held + size > self.allowance:
                 return False
-        self.outs[ti] = np.empty(size, dtype=np.uint8)
+        self.outs[ti] = output_array(size)
         self.reserved += size
         self.next_res += 1
+        ev = self.res_waiters.pop(ti, None)  # other blocks of this tensor waiting for it
+        if ev is not None:
+            ev.set()
         self._wake_reserver()
         return True
 
@@ -194,7 +220,7 @@ class _Assembly:
         if sum(j[4] for j in jobs) <= INLINE_BYTES:
             _copy_segments(jobs)
         else:
-            await anyio.to_thread.run_sync(_copy_segments, list(jobs), limiter=self.threads)
+            await run_sync(_copy_segments, list(jobs), limiter=self.threads)
         for seg in done:
             self.remaining[seg.tensor] -= 1
             if self.remaining[seg.tensor] == 0:
@@ -209,8 +235,9 @@ class TensorStream:
     The reads run in a task of the model's task group, in their own cancel
     scope. Leaving the loop early (break, an exception, cancellation) and then
     closing the stream — explicitly with ``aclose()``/``async with``, or
-    implicitly when the stream is garbage collected, the next stream starts or
-    the model closes — cancels every read and releases every slot.
+    implicitly when the next stream of the model starts or the model closes —
+    cancels every read and releases every slot. (Garbage collection cannot do
+    it: the running reads keep the stream alive.)
 
     With ``copy=False`` a tensor that sits inside one block is returned as a
     read-only view into its slot (a zero-copy lease), valid until the next
@@ -236,6 +263,7 @@ class TensorStream:
         self._started = False
         self._finished = False
         self._closed = False
+        self._superseded = False
         self._error: BaseException | None = None
         self._lease: Slot | None = None
         self._blocks: dict[int, BlockPlan] = {bp.block.index: bp for bp in plan.blocks}
@@ -275,6 +303,8 @@ class TensorStream:
         return self
 
     async def __anext__(self) -> tuple[str, np.ndarray]:
+        if self._superseded:
+            raise ClosedError("this stream was closed because a newer stream of the same model started")
         if self._closed:
             raise StopAsyncIteration
         if not self._started:
@@ -316,8 +346,10 @@ class TensorStream:
             lease, self._lease = self._lease, None
             self._reader.ring.release(lease)
 
-    def cancel(self) -> None:
+    def cancel(self, *, superseded: bool = False) -> None:
         """Stop the reads now (synchronous); slots come back as the reads unwind."""
+        if superseded and not self._closed and not self._finished:
+            self._superseded = True
         self._closed = True
         self._release_lease()
         if self._scope is not None:
@@ -355,13 +387,3 @@ class TensorStream:
     def statistics(self) -> AssemblyStatistics:
         a = self._asm
         return AssemblyStatistics(a.allowance, a.reserved, len(a.ready), a.delivered)
-
-    def __del__(self) -> None:
-        if self._started and not self._finished and not self._closed:
-            try:
-                self.cancel()
-            except Exception:
-                pass
-
-
-_live: weakref.WeakSet[TensorStream] = weakref.WeakSet()

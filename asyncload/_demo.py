@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import anyio.to_thread
 import ml_dtypes
 import numpy as np
 
@@ -18,6 +17,7 @@ from ._config import format_size
 from ._loader import open as open_model
 from ._loader import save
 from ._metrics import LagMonitor, current_rss, peak_rss, reset_peak_rss
+from ._threads import run_sync
 from ._tools import verify
 
 __all__ = ["run_demo", "synthetic_layout"]
@@ -69,7 +69,7 @@ def _digest(arr: np.ndarray) -> str:
 async def _tensors(layout: Layout, digests: dict[str, str]) -> AsyncIterator[tuple[str, np.ndarray]]:
     for i, (name, dtype, shape) in enumerate(layout):
         arr = _tensor(i, dtype, shape)
-        digests[name] = await anyio.to_thread.run_sync(_digest, arr)
+        digests[name] = await run_sync(_digest, arr)
         yield name, arr
 
 
@@ -103,7 +103,7 @@ async def run_demo(
         t0 = time.perf_counter()
         async with open_model(manifest, budget=budget) as model, LagMonitor() as lag:
             async for name, arr in model.stream():
-                if await anyio.to_thread.run_sync(_digest, arr) != digests[name]:
+                if await run_sync(_digest, arr) != digests[name]:
                     print(f"  MISMATCH in {name}")
                     return 1
                 checked += 1

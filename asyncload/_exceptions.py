@@ -87,7 +87,7 @@ class ChecksumError(IntegrityError):
 
 
 class TruncatedBlockError(IntegrityError):
-    """A block is shorter (or longer) than the manifest records."""
+    """A block (or the file range read in place) is shorter than the manifest records."""
 
 
 class ClosedError(AsyncloadError, RuntimeError):

@@ -15,8 +15,6 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
-import anyio.to_thread
-
 from ._exceptions import BlockNotFoundError, FormatError, HeaderError, ManifestError
 from ._format import (
     MAX_MANIFEST_SIZE,
@@ -30,6 +28,7 @@ from ._format import (
     parse_hf_index,
 )
 from ._plan import cut_blocks
+from ._threads import run_sync
 from .sources import LocalSource, Source
 
 __all__ = ["HF_INDEX", "Opened", "open_input"]
@@ -172,7 +171,7 @@ async def open_input(
     """
     path = Path(os.path.expanduser(os.fspath(target)))  # noqa: ASYNC240 - no I/O, reads $HOME only
     repoint = dict(sources or {})
-    manifest, base, kind = await anyio.to_thread.run_sync(_open_sync, path, block_size)
+    manifest, base, kind = await run_sync(_open_sync, path, block_size)
     known = {s.id for s in manifest.sources}
     unknown = sorted(set(repoint) - known)
     if unknown:

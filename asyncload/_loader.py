@@ -19,7 +19,8 @@ from ._format import Manifest, TensorInfo
 from ._inputs import Opened, open_input
 from ._plan import plan_load
 from ._ring import Ring, RingStatistics
-from ._scheduler import BlockReader
+from ._scheduler import BlockReader, unwrap_group
+from ._threads import run_sync
 from ._writer import Progress, TensorsInput, save_tensors
 from .sources import Source, SourceStatistics
 
@@ -90,7 +91,8 @@ class Model:
         if self._closed:
             raise ClosedError("a Model can be entered once")
         self.limits.check(len(self._sources))
-        self._ring = Ring(self.limits.block_size, self.limits.slots)
+        # Allocating and touching S bytes takes long enough to stall the event loop: use a thread.
+        self._ring = await run_sync(Ring, self.limits.block_size, self.limits.slots)
         limiters = {k: anyio.CapacityLimiter(self.limits.reads_per_source) for k in self._sources}
         threads = anyio.CapacityLimiter(self.limits.threads)
         self._reader = BlockReader(self._ring, self._sources, limiters, threads)
@@ -104,8 +106,15 @@ class Model:
         if self._stream is not None:
             self._stream.cancel()
         assert self._tg is not None
+        error: BaseException | None = None
         try:
             return await self._tg.__aexit__(et, e, tb)
+        except BaseExceptionGroup as eg:
+            # anyio wraps even the body's own exception in a group: hand back the
+            # single real error as raised, so that `except BlockNotFoundError` works.
+            error = unwrap_group(eg)
+            if error is eg:
+                raise
         finally:
             self._closed = True
             if self._ring is not None:
@@ -113,6 +122,8 @@ class Model:
             with anyio.CancelScope(shield=True):
                 for s in self._sources.values():
                     await s.aclose()
+        assert error is not None
+        raise error
 
     def _spawn(self, fn: Any) -> None:
         if self._tg is None or self._closed:
@@ -138,15 +149,16 @@ class Model:
         """Tensors as they complete: ``async for name, array in model.stream()``.
 
         ``names`` selects a subset. Arrays are owned unless ``copy=False`` (see
-        :class:`TensorStream`). One stream runs at a time per model; a stream
-        that was left (break) is cancelled when the next one starts.
+        :class:`TensorStream`). One stream runs at a time per model: starting a
+        new one closes the previous (its reads are cancelled and its slots come
+        back before the new one reads; asking it for more raises ClosedError).
+        A loop left with ``break`` is thus cleaned up by ``aclose()``/``async with``,
+        by the next stream, or when the model closes.
         """
         if self._tg is None or self._closed:
             raise ClosedError("the model is not open: use 'async with asyncload.open(...) as model'")
-        if self._stream is not None and self._stream.active and not self._stream.closing:
-            raise RuntimeError("another stream of this model is still running; finish or aclose() it first")
         if self._stream is not None:
-            self._stream.cancel()
+            self._stream.cancel(superseded=True)
         assert self._reader is not None
         plan = plan_load(self.manifest.blocks, self._select(names))
         previous = self._stream
@@ -168,7 +180,7 @@ class Model:
         return spawn
 
     async def load(self, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-        """Every (or each named) tensor as an owned numpy array, in stream order."""
+        """Every tensor (in stream order), or each of ``names`` (in that order), as an owned array."""
         out: dict[str, np.ndarray] = {}
         async with self.stream(names) as s:
             async for name, arr in s:

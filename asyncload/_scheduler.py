@@ -16,12 +16,12 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import anyio
-import anyio.to_thread
 import crc32c as _crc32c
 
 from ._exceptions import ChecksumError, TruncatedBlockError
 from ._format import BlockRef
 from ._ring import Ring, Slot
+from ._threads import run_sync
 from .sources import Source
 
 __all__ = ["BlockReader", "ReaderStatistics", "crc32c_of", "unwrap_group"]
@@ -38,7 +38,7 @@ async def checksum(data: memoryview, threads: anyio.CapacityLimiter | None = Non
     """crc32c of ``data``; large buffers are hashed in a worker thread (the GIL is released)."""
     if len(data) <= INLINE_BYTES:
         return crc32c_of(data)
-    return await anyio.to_thread.run_sync(crc32c_of, data, limiter=threads)
+    return await run_sync(crc32c_of, data, limiter=threads)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
-import anyio.to_thread
 
 from ._config import DEFAULT_BLOCK_SIZE, DEFAULT_BUDGET, MIN_BLOCK_SIZE, Limits, parse_size
 from ._exceptions import BudgetError, FormatError, IntegrityError, SourceError
@@ -17,6 +16,7 @@ from ._format import BlockRef, FileEntry
 from ._inputs import open_input
 from ._ring import Ring, Slot
 from ._scheduler import BlockReader, unwrap_group
+from ._threads import run_sync
 from ._writer import Progress, pack_opened
 from .sources._local import fsync_dir
 
@@ -40,8 +40,8 @@ async def pack(
 ) -> str:
     """Cut a ``.safetensors`` file or HF directory into blocks over the ``to`` directories.
 
-    Block i goes to directory i mod k. The manifest (default: next to the first
-    directory's parent, named after the input) is committed last, atomically.
+    Block i goes to directory i mod k. The manifest (default:
+    ``<name>.asyncload.json`` beside the first directory) is committed last, atomically.
     """
     m = parse_size(block_size, what="block_size")
     if m < MIN_BLOCK_SIZE:
@@ -66,8 +66,8 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         offset += n
 
 
-def _outputs(files: Sequence[FileEntry], out: Path) -> dict[str, Path]:
-    if len(files) == 1 and not out.is_dir():
+def _outputs(files: Sequence[FileEntry], out: Path, as_dir: bool) -> dict[str, Path]:
+    if len(files) == 1 and not out.is_dir() and not as_dir:
         return {files[0].path: out}
     return {f.path: out / f.path for f in files}
 
@@ -83,19 +83,20 @@ async def unpack(
     """Rebuild the original file(s), byte-identical: one ``.safetensors`` or a shard directory.
 
     With one file, ``out`` is the file to write (or a directory to write it
-    into); with shards, ``out`` is the directory that receives the shards and
-    the index. Files appear whole (temp name, fsync, rename) or not at all.
+    into: an existing one, or a path ending in a separator); with shards,
+    ``out`` is the directory that receives the shards and the index. Files
+    appear whole (temp name, fsync, rename) or not at all.
     """
     opened = await open_input(manifest, block_size=DEFAULT_BLOCK_SIZE, sources=sources)
     man = opened.manifest
     limits = _limits(budget, man.block_size, len(opened.sources))
     outp = Path(os.fspath(out))
-    targets = _outputs(man.files, outp)
+    targets = _outputs(man.files, outp, os.fspath(out).endswith(os.sep))
     for p in targets.values():
         p.parent.mkdir(parents=True, exist_ok=True)
     temps = {k: p.with_name(f".{p.name}.{secrets.token_hex(4)}.tmp") for k, p in targets.items()}
     fds = {k: os.open(t, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600) for k, t in temps.items()}
-    ring = Ring(limits.block_size, limits.slots)
+    ring = await run_sync(Ring, limits.block_size, limits.slots)
     reader = BlockReader(
         ring,
         opened.sources,
@@ -112,9 +113,7 @@ async def unpack(
 
     async def on_block(block: BlockRef, slot: Slot) -> None:
         try:
-            await anyio.to_thread.run_sync(
-                write_block, block, slot.memory.data[: block.length], limiter=reader.threads
-            )
+            await run_sync(write_block, block, slot.memory.data[: block.length], limiter=reader.threads)
         finally:
             ring.release(slot)
         if progress is not None:
@@ -135,7 +134,7 @@ async def unpack(
             for d in {p.parent for p in targets.values()}:
                 fsync_dir(d)
 
-        await anyio.to_thread.run_sync(finish)
+        await run_sync(finish)
         ok = True
     finally:
         for fd in fds.values():
@@ -179,7 +178,7 @@ async def verify(
     opened = await open_input(manifest, block_size=DEFAULT_BLOCK_SIZE, sources=sources)
     man = opened.manifest
     limits = _limits(budget, man.block_size, len(opened.sources))
-    ring = Ring(limits.block_size, limits.slots)
+    ring = await run_sync(Ring, limits.block_size, limits.slots)
     reader = BlockReader(
         ring,
         opened.sources,

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import anyio.to_thread
 import numpy as np
 
 from ._config import Limits
@@ -29,6 +28,7 @@ from ._inputs import Opened
 from ._plan import place_blocks
 from ._ring import Ring, Slot
 from ._scheduler import INLINE_BYTES, BlockReader, checksum, unwrap_group
+from ._threads import run_sync
 from .sources import LocalSource, Source
 from .sources._local import fsync_dir
 
@@ -119,7 +119,7 @@ def _write_manifest_sync(path: Path, data: bytes) -> None:
 async def commit_manifest(path: str | os.PathLike[str], manifest: Manifest) -> Path:
     """Atomically replace the manifest at ``path`` (temp file, fsync, rename, fsync dir)."""
     p = Path(os.fspath(path))
-    await anyio.to_thread.run_sync(_write_manifest_sync, p, manifest.to_json())
+    await run_sync(_write_manifest_sync, p, manifest.to_json())
     return p
 
 
@@ -171,7 +171,7 @@ async def save_tensors(
     limits.check(len(srcs))
     mpath = Path(os.fspath(manifest_path))
     ckpt_id = uuid.uuid4().hex
-    ring = Ring(limits.block_size, limits.slots)
+    ring = await run_sync(Ring, limits.block_size, limits.slots)
     writer = ScatterWriter(srcs, ring, limits, ckpt_id)
     m = limits.block_size
     entries: list[tuple[str, str, tuple[int, ...], int]] = []
@@ -193,9 +193,7 @@ async def save_tensors(
                         slot = await ring.acquire()
                     n = min(m - slot.used, flat.nbytes - done)
                     if n >= INLINE_BYTES:
-                        await anyio.to_thread.run_sync(
-                            _fill, slot.memory, slot.used, flat, done, n, limiter=writer.threads
-                        )
+                        await run_sync(_fill, slot.memory, slot.used, flat, done, n, limiter=writer.threads)
                     else:
                         _fill(slot.memory, slot.used, flat, done, n)
                     slot.used += n
@@ -285,7 +283,7 @@ async def pack_opened(
     src_man = opened.manifest
     mpath = Path(os.fspath(manifest_path))
     ckpt_id = uuid.uuid4().hex
-    ring = Ring(limits.block_size, limits.slots)
+    ring = await run_sync(Ring, limits.block_size, limits.slots)
     writer = ScatterWriter(dest, ring, limits, ckpt_id)
     reader = BlockReader(
         ring,

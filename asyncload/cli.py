@@ -341,7 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     source(sp)
     sp.set_defaults(func=cmd_info)
 
-    sp = sub.add_parser("demo", help="make a synthetic model, pack it over 4 temp dirs, load it back, verify")
+    sp = sub.add_parser(
+        "demo",
+        help="save a synthetic model over temp dirs (4 by default), stream it back in a small budget, verify",
+    )
     sp.add_argument("--size", type=_size, default=256 << 20, help="model size (default 256MiB)")
     sp.add_argument("--budget", type=_size, default=64 << 20, help="memory budget (default 64MiB)")
     sp.add_argument("--block-size", type=_size, default=4 << 20, help="block size (default 4MiB)")

@@ -11,9 +11,8 @@ import os
 import secrets
 from pathlib import Path
 
-import anyio.to_thread
-
 from .._exceptions import BlockNotFoundError, SourceUnavailableError
+from .._threads import run_sync
 from ._base import Source
 
 __all__ = ["LocalSource"]
@@ -74,7 +73,7 @@ class LocalSource(Source):
     async def read_into(self, key: str, offset: int, buf: memoryview) -> int:
         self._in_flight += 1
         try:
-            n = await anyio.to_thread.run_sync(self._read_sync, key, offset, buf, limiter=self.threads)
+            n = await run_sync(self._read_sync, key, offset, buf, limiter=self.threads)
         except Exception:  # a cancelled read is not an error
             self._errors += 1
             raise
@@ -87,7 +86,7 @@ class LocalSource(Source):
     async def size(self, key: str) -> int:
         path = self._path(key)
         try:
-            return (await anyio.to_thread.run_sync(os.stat, path)).st_size
+            return (await run_sync(os.stat, path)).st_size
         except FileNotFoundError:
             raise self._missing(key, path) from None
         except OSError as e:
@@ -101,7 +100,9 @@ class LocalSource(Source):
                 raise BlockNotFoundError(f"source {self.id!r}: directory {str(self.root)!r} does not exist")
             self.root.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
             self._dirs_to_sync.add(self.root.parent)
-        path.parent.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+        if not path.parent.is_dir():
+            path.parent.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+            self._dirs_to_sync.add(path.parent.parent)  # the new directory's entry
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), _FILE_MODE)
         try:
@@ -120,7 +121,7 @@ class LocalSource(Source):
     async def write(self, key: str, data: memoryview) -> None:
         self._in_flight += 1
         try:
-            await anyio.to_thread.run_sync(self._write_sync, key, data, limiter=self.threads)
+            await run_sync(self._write_sync, key, data, limiter=self.threads)
         except OSError as e:
             self._errors += 1
             if isinstance(e, BlockNotFoundError | SourceUnavailableError):
@@ -138,11 +139,11 @@ class LocalSource(Source):
             fsync_dir(d)
 
     async def sync(self) -> None:
-        await anyio.to_thread.run_sync(self._sync_dirs)
+        await run_sync(self._sync_dirs)
 
     async def delete(self, key: str) -> None:
         path = self._path(key)
-        await anyio.to_thread.run_sync(lambda: path.unlink(missing_ok=True))
+        await run_sync(lambda: path.unlink(missing_ok=True))
 
 
 def fsync_dir(path: Path) -> None:
