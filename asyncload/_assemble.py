@@ -74,8 +74,9 @@ def output_array(size: int) -> np.ndarray:
         return np.empty(size, dtype=np.uint8)
     # Private, not mmap's default shared mapping: shmem pages get no huge pages and unmap slowly.
     mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        mem.madvise(mmap.MADV_HUGEPAGE)  # as numpy does for its own large arrays
+    # No MADV_HUGEPAGE: with THP defrag on "madvise" (a common default) each huge-page
+    # fault may stall in direct compaction; measured 0.4-1.3 GB/s with it, a steady
+    # 2.0 GB/s without, for a warm 1 GiB load into owned arrays.
     return np.frombuffer(mem, dtype=np.uint8)
 
 

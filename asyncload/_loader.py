@@ -13,7 +13,7 @@ import anyio.abc
 import numpy as np
 
 from ._assemble import AssemblyStatistics, TensorStream
-from ._config import DEFAULT_BLOCK_SIZE, DEFAULT_BUDGET, MIN_BLOCK_SIZE, Limits, parse_size
+from ._config import DEFAULT_BLOCK_SIZE, DEFAULT_BUDGET, DEFAULT_THREADS, MIN_BLOCK_SIZE, Limits, parse_size
 from ._exceptions import BudgetError, ClosedError
 from ._format import Manifest, TensorInfo
 from ._inputs import Opened, open_input
@@ -240,6 +240,7 @@ class _Opener:
             budget=budget,
             block_size=opened.manifest.block_size,
             reads_per_source=kw["reads_per_source"],
+            threads=kw["threads"] or DEFAULT_THREADS,
         )
         return Model(opened, limits)
 
@@ -261,6 +262,7 @@ def open(
     block_size: int | str | None = None,
     sources: Mapping[str, str] | None = None,
     reads_per_source: int = 4,
+    threads: int | None = None,
     wrap_source: Callable[[Source], Source] | None = None,
 ) -> _Opener:
     """Open a manifest, a ``.safetensors`` file or a Hugging Face directory for loading.
@@ -268,6 +270,8 @@ def open(
     ``budget`` (S) is the size of the slot ring; it must hold one block per
     source. ``block_size`` only applies to inputs read in place (a manifest
     fixes its own). ``sources`` re-points manifest source ids at new locations.
+    ``reads_per_source`` bounds concurrent reads per source; ``threads`` bounds the
+    worker threads (syscalls, checksums, copies) of this model (default: cores, min 2).
     ``open()`` never writes. ``wrap_source`` is a testing hook: each source is
     replaced by ``wrap_source(source)`` before any read (see
     :class:`asyncload.testing.FaultySource`).
@@ -279,6 +283,7 @@ def open(
         block_size=block_size,
         sources=sources,
         reads_per_source=reads_per_source,
+        threads=threads,
         wrap_source=wrap_source,
     )
 

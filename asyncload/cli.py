@@ -119,7 +119,12 @@ async def cmd_load(a: argparse.Namespace) -> int:
     kept: list[Any] = []
     n = tensors = 0
     async with open_model(
-        a.target, budget=a.budget, block_size=a.block_size, sources=_sources_arg(a.source)
+        a.target,
+        budget=a.budget,
+        block_size=a.block_size,
+        sources=_sources_arg(a.source),
+        threads=a.threads,
+        reads_per_source=a.reads_per_source,
     ) as model:
         bar = _Progress(model.nbytes, "load", not a.quiet and not a.json)
         async with LagMonitor() as lag:
@@ -323,6 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
         "lease: zero-copy views into slots (default: load)",
     )
     sp.add_argument("--json", action="store_true", help="print one JSON object")
+    sp.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="worker threads for reads and copies (default: cores, min 2)",
+    )
+    sp.add_argument("--reads-per-source", type=int, default=4, help="concurrent reads per source (default 4)")
     source(sp)
     sp.set_defaults(func=cmd_load)
 
