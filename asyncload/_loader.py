@@ -93,9 +93,7 @@ class Model:
         self.limits.check(len(self._sources))
         # Allocating and touching S bytes takes long enough to stall the event loop: use a thread.
         self._ring = await run_sync(Ring, self.limits.block_size, self.limits.slots)
-        limiters = {k: anyio.CapacityLimiter(self.limits.reads_per_source) for k in self._sources}
-        threads = anyio.CapacityLimiter(self.limits.threads)
-        self._reader = BlockReader(self._ring, self._sources, limiters, threads)
+        self._reader = BlockReader.for_sources(self._ring, self._sources, self.limits)
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         return self

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import anyio
 import crc32c as _crc32c
 
+from ._config import Limits
 from ._exceptions import ChecksumError, TruncatedBlockError
 from ._format import BlockRef
 from ._ring import Ring, Slot
@@ -69,6 +70,18 @@ class BlockReader:
         self._bytes_in_flight = 0
         self._reads_in_flight = 0
         self._checksum_failures = 0
+
+    @classmethod
+    def for_sources(
+        cls,
+        ring: Ring,
+        sources: Mapping[str, Source],
+        limits: Limits,
+        threads: anyio.CapacityLimiter | None = None,
+    ) -> BlockReader:
+        """A reader with one limiter per source and one worker-thread limiter, from ``limits``."""
+        limiters = {k: anyio.CapacityLimiter(limits.reads_per_source) for k in sources}
+        return cls(ring, sources, limiters, threads or anyio.CapacityLimiter(limits.threads))
 
     def statistics(self) -> ReaderStatistics:
         return ReaderStatistics(

@@ -97,12 +97,7 @@ async def unpack(
     temps = {k: p.with_name(f".{p.name}.{secrets.token_hex(4)}.tmp") for k, p in targets.items()}
     fds = {k: os.open(t, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600) for k, t in temps.items()}
     ring = await run_sync(Ring, limits.block_size, limits.slots)
-    reader = BlockReader(
-        ring,
-        opened.sources,
-        {k: anyio.CapacityLimiter(limits.reads_per_source) for k in opened.sources},
-        anyio.CapacityLimiter(limits.threads),
-    )
+    reader = BlockReader.for_sources(ring, opened.sources, limits)
     ok = False
 
     def write_block(block: BlockRef, data: memoryview) -> None:
@@ -179,12 +174,7 @@ async def verify(
     man = opened.manifest
     limits = _limits(budget, man.block_size, len(opened.sources))
     ring = await run_sync(Ring, limits.block_size, limits.slots)
-    reader = BlockReader(
-        ring,
-        opened.sources,
-        {k: anyio.CapacityLimiter(limits.reads_per_source) for k in opened.sources},
-        anyio.CapacityLimiter(limits.threads),
-    )
+    reader = BlockReader.for_sources(ring, opened.sources, limits)
     bad: list[BadBlock] = []
     checked = 0
 

@@ -11,7 +11,6 @@ the blocks it names, which are never touched) loadable.
 from __future__ import annotations
 
 import os
-import secrets
 import uuid
 from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -30,7 +29,7 @@ from ._ring import Ring, Slot
 from ._scheduler import INLINE_BYTES, BlockReader, checksum, unwrap_group
 from ._threads import run_sync
 from .sources import LocalSource, Source
-from .sources._local import fsync_dir
+from .sources._local import fsync_dir, write_file_atomic
 
 __all__ = ["ScatterWriter", "commit_manifest", "pack_opened", "save_tensors"]
 
@@ -100,19 +99,7 @@ def _manifest_sources(sources: Sequence[str | os.PathLike[str]], manifest_dir: P
 
 def _write_manifest_sync(path: Path, data: bytes) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
+    write_file_atomic(path, data)
     fsync_dir(path.parent)
 
 
@@ -285,12 +272,7 @@ async def pack_opened(
     ckpt_id = uuid.uuid4().hex
     ring = await run_sync(Ring, limits.block_size, limits.slots)
     writer = ScatterWriter(dest, ring, limits, ckpt_id)
-    reader = BlockReader(
-        ring,
-        opened.sources,
-        {k: anyio.CapacityLimiter(limits.reads_per_source) for k in opened.sources},
-        writer.threads,
-    )
+    reader = BlockReader.for_sources(ring, opened.sources, limits, writer.threads)
     placement = place_blocks(len(src_man.blocks), len(dest))
     try:
         async with anyio.create_task_group() as tg:

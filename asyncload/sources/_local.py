@@ -103,19 +103,7 @@ class LocalSource(Source):
         if not path.parent.is_dir():
             path.parent.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
             self._dirs_to_sync.add(path.parent.parent)  # the new directory's entry
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), _FILE_MODE)
-        try:
-            done = 0
-            while done < len(data):
-                done += os.write(fd, data[done:])
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        os.replace(tmp, path)
+        write_file_atomic(path, data)
         self._dirs_to_sync.add(path.parent)
 
     async def write(self, key: str, data: memoryview) -> None:
@@ -144,6 +132,27 @@ class LocalSource(Source):
     async def delete(self, key: str) -> None:
         path = self._path(key)
         await run_sync(lambda: path.unlink(missing_ok=True))
+
+
+def write_file_atomic(path: Path, data: memoryview | bytes, mode: int = _FILE_MODE) -> None:
+    """Write ``data`` to a temporary name beside ``path``, fsync it, rename it over ``path``.
+
+    The file appears whole or not at all; fsync the directory afterwards to make
+    the rename itself durable.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
 
 
 def fsync_dir(path: Path) -> None:
