@@ -349,7 +349,7 @@ class TensorStream:
 
     def cancel(self, *, superseded: bool = False) -> None:
         """Stop the reads now (synchronous); slots come back as the reads unwind."""
-        if superseded and not self._closed and not self._finished:
+        if superseded and not self._closed and (not self._finished or self._asm.ready):
             self._superseded = True
         self._closed = True
         self._release_lease()

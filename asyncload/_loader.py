@@ -129,8 +129,10 @@ class Model:
         self._tg.start_soon(fn)
 
     def _finished(self, stream: TensorStream) -> None:
-        if self._stream is stream:
-            self._stream = None
+        # Kept as self._stream even when its reads are done: items (and zero-copy
+        # leases holding slots) may still be queued; the next stream or the model's
+        # exit closes it, which releases them.
+        pass
 
     def _select(self, names: Iterable[str] | None) -> list[TensorInfo]:
         if names is None:
@@ -216,11 +218,10 @@ class Model:
 
 
 class _Opener:
-    """What ``asyncload.open()`` returns: awaitable once, usable as ``async with``."""
+    """What ``asyncload.open()`` returns: use it as ``async with asyncload.open(...) as model``."""
 
-    def __init__(self, target: str | os.PathLike[str], limits: Limits | None, **kw: Any) -> None:
+    def __init__(self, target: str | os.PathLike[str], **kw: Any) -> None:
         self._target = target
-        self._limits = limits
         self._kw = kw
         self._model: Model | None = None
 
@@ -276,7 +277,6 @@ def open(
     """
     return _Opener(
         target,
-        None,
         budget=budget,
         block_size=block_size,
         sources=sources,

@@ -69,9 +69,11 @@ def _sources_arg(items: Sequence[str] | None) -> dict[str, str] | None:
     return out
 
 
-async def _total_of(target: str, budget: int) -> int:
-    async with open_model(target, budget=budget) as m:
-        return m.manifest.total_size
+async def _total_of(target: str, sources: dict[str, str] | None) -> int:
+    from ._inputs import open_input
+
+    opened = await open_input(target, block_size=DEFAULT_BLOCK_SIZE, sources=sources)
+    return opened.manifest.total_size
 
 
 # --------------------------------------------------------------------------- commands
@@ -175,7 +177,7 @@ async def cmd_load(a: argparse.Namespace) -> int:
 
 
 async def cmd_verify(a: argparse.Namespace) -> int:
-    total = await _total_of(a.manifest, a.budget) if not a.quiet else 0
+    total = await _total_of(a.manifest, _sources_arg(a.source)) if not a.quiet else 0
     bar = _Progress(total, "verify", not a.quiet and not a.json)
     try:
         report = await verify(a.manifest, budget=a.budget, sources=_sources_arg(a.source), progress=bar)
@@ -303,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-o",
         "--output",
         required=True,
-        help="output file (one-file checkpoint) or directory (sharded checkpoint)",
+        help="output file for a one-file checkpoint (a path ending in / or an existing directory "
+        "receives it), or the directory for a sharded one",
     )
     budget(sp)
     source(sp)

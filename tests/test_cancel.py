@@ -247,3 +247,24 @@ async def test_break_while_holding_a_lease(
         for name, arr in got.items():
             assert_same(name, arr, tensors)
             assert arr.flags.writeable  # load() returns owned arrays
+
+
+@pytest.mark.anyio
+async def test_next_load_closes_a_finished_stream_that_still_holds_leases(tmp_path: pathlib.Path) -> None:
+    """A lease stream whose reads are done but whose items were not all taken keeps slots;
+    the next load() must close it (it used to wait for those slots forever)."""
+    tensors = {f"t{i:02d}": np.full(1024, i, dtype=np.float32) for i in range(16)}
+    path = await asyncload.save(tensors, tmp_path / "m.json", sources=[tmp_path / "d0"], block_size=4096)
+    with anyio.fail_after(10):
+        async with asyncload.open(path, budget=16 * 4096) as model:
+            stream = model.stream(copy=False)
+            async for _name, _arr in stream:
+                break
+            # All reads finish; the 15 untaken tensors sit in the ring as leases.
+            await wait_until(lambda: not stream.active, what="the stream's reads are done")
+            assert model.statistics().slots_in_use == model.statistics().slots_total
+            arrays = await model.load()
+            assert {k: v.tobytes() for k, v in arrays.items()} == {k: v.tobytes() for k, v in tensors.items()}
+            with pytest.raises(asyncload.ClosedError):
+                await stream.__anext__()
+            assert model.statistics().slots_in_use == 0
