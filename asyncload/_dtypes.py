@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from ._exceptions import UnsupportedDtypeError
@@ -39,14 +40,13 @@ DTYPE_BITS: dict[str, int] = {
     "F6_E3M2": 6,
 }
 
-_NUMPY: dict[str, np.dtype[np.generic]] = {
+_PLAIN: dict[str, np.dtype[Any]] = {
     "BOOL": np.dtype(np.bool_),
     "U8": np.dtype("<u1"),
     "I8": np.dtype("<i1"),
     "I16": np.dtype("<i2"),
     "U16": np.dtype("<u2"),
     "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
     "I32": np.dtype("<i4"),
     "U32": np.dtype("<u4"),
     "F32": np.dtype("<f4"),
@@ -54,19 +54,34 @@ _NUMPY: dict[str, np.dtype[np.generic]] = {
     "F64": np.dtype("<f8"),
     "I64": np.dtype("<i8"),
     "U64": np.dtype("<u8"),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E8M0": np.dtype(ml_dtypes.float8_e8m0fnu),
-    "F8_E4M3FNUZ": np.dtype(ml_dtypes.float8_e4m3fnuz),
-    "F8_E5M2FNUZ": np.dtype(ml_dtypes.float8_e5m2fnuz),
 }
-_FROM_NUMPY = {dt: name for name, dt in _NUMPY.items()}
+_ML_DTYPES = {  # safetensors name -> ml_dtypes attribute
+    "BF16": "bfloat16",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E8M0": "float8_e8m0fnu",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+}
 
 
-def numpy_dtype(dtype: str, *, tensor: str = "") -> np.dtype[np.generic]:
+@functools.cache
+def _tables() -> tuple[dict[str, np.dtype[Any]], dict[np.dtype[Any], str]]:
+    # ml_dtypes costs ~0.6 s to import: only when a BF16/FP8 dtype is actually used.
+    import ml_dtypes
+
+    table = dict(_PLAIN)
+    table.update({name: np.dtype(getattr(ml_dtypes, attr)) for name, attr in _ML_DTYPES.items()})
+    return table, {dt: name for name, dt in table.items()}
+
+
+def numpy_dtype(dtype: str, *, tensor: str = "") -> np.dtype[Any]:
     """The numpy dtype for a safetensors dtype string, or :class:`UnsupportedDtypeError`."""
+    plain = _PLAIN.get(dtype)
+    if plain is not None:
+        return plain
     try:
-        return _NUMPY[dtype]
+        return _tables()[0][dtype]
     except KeyError:
         where = f" of tensor {tensor!r}" if tensor else ""
         known = "packed sub-byte type" if dtype in DTYPE_BITS else "unknown dtype"
@@ -83,7 +98,7 @@ def dtype_from_numpy(dtype: np.dtype[np.generic]) -> str:
         raise UnsupportedDtypeError(f"big-endian dtype {dt} cannot be stored in safetensors")
     dt = dt.newbyteorder("<") if dt.byteorder not in ("|", "<") else dt
     try:
-        return _FROM_NUMPY[dt]
+        return _tables()[1][dt]
     except KeyError:
         raise UnsupportedDtypeError(f"numpy dtype {dt} has no safetensors equivalent") from None
 
