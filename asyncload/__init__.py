@@ -6,13 +6,17 @@ from ._assemble import TensorStream
 from ._config import Limits, format_size, parse_size
 from ._exceptions import (
     AsyncloadError,
+    AuthenticationError,
     BlockNotFoundError,
     BudgetError,
     ChecksumError,
     ClosedError,
+    DecryptionError,
     FormatError,
     HeaderError,
     IntegrityError,
+    KeyFormatError,
+    KeyRequiredError,
     ManifestError,
     SourceError,
     SourceUnavailableError,
@@ -21,19 +25,23 @@ from ._exceptions import (
 )
 from ._format import Manifest, TensorInfo
 from ._loader import LoaderStatistics, Model, load, open, save
-from ._tools import VerifyReport, pack, unpack, verify
+from ._tools import VerifyReport, pack, rekey, unpack, verify
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncloadError",
+    "AuthenticationError",
     "BlockNotFoundError",
     "BudgetError",
     "ChecksumError",
     "ClosedError",
+    "DecryptionError",
     "FormatError",
     "HeaderError",
     "IntegrityError",
+    "KeyFormatError",
+    "KeyRequiredError",
     "Limits",
     "LoaderStatistics",
     "Manifest",
@@ -52,6 +60,7 @@ __all__ = [
     "open",
     "pack",
     "parse_size",
+    "rekey",
     "save",
     "unpack",
     "verify",

@@ -9,14 +9,18 @@ working for callers who do not know asyncload::
     ├── BudgetError (ValueError)            budget too small for k sources x block size
     ├── FormatError (ValueError)            input that does not follow a documented format
     │   ├── ManifestError                   malformed / unsupported manifest
-    │   └── HeaderError                     malformed safetensors header or index
+    │   ├── HeaderError                     malformed safetensors header or index
+    │   └── KeyFormatError                  a key is not 32 raw bytes / 64 hex characters
     ├── UnsupportedDtypeError (TypeError)   a dtype that cannot become a numpy array
     ├── SourceError (OSError)               a storage source failed
     │   ├── BlockNotFoundError (FileNotFoundError)   block or source missing
     │   └── SourceUnavailableError          source could not be reached / read
     ├── IntegrityError                      bytes read do not match what the manifest says
     │   ├── ChecksumError                   crc32c mismatch
-    │   └── TruncatedBlockError             block shorter than the manifest says
+    │   ├── TruncatedBlockError             block shorter than the manifest says
+    │   └── AuthenticationError             a MAC, signature or AEAD tag does not verify
+    │       ├── DecryptionError             wrong key, or a block / key envelope was altered
+    │       └── KeyRequiredError            encrypted (or must be signed) and no key given
     └── ClosedError (RuntimeError)          the model or stream was used after close
 
 Messages name the file, block and source involved; they never contain
@@ -27,13 +31,17 @@ from __future__ import annotations
 
 __all__ = [
     "AsyncloadError",
+    "AuthenticationError",
     "BlockNotFoundError",
     "BudgetError",
     "ChecksumError",
     "ClosedError",
+    "DecryptionError",
     "FormatError",
     "HeaderError",
     "IntegrityError",
+    "KeyFormatError",
+    "KeyRequiredError",
     "ManifestError",
     "SourceError",
     "SourceUnavailableError",
@@ -88,6 +96,24 @@ class ChecksumError(IntegrityError):
 
 class TruncatedBlockError(IntegrityError):
     """A block (or the file range read in place) is shorter than the manifest records."""
+
+
+class AuthenticationError(IntegrityError):
+    """A manifest MAC, a manifest signature or a block's AEAD tag does not verify."""
+
+
+class DecryptionError(AuthenticationError):
+    """Authentication failed: wrong key, or a block, key envelope or manifest was altered."""
+
+    index: int | None = None
+
+
+class KeyRequiredError(AuthenticationError):
+    """The checkpoint is encrypted (or a signature is required) and the needed key was not given."""
+
+
+class KeyFormatError(FormatError):
+    """A key (bytes, hex text, key file or environment variable) is not 32 bytes / 64 hex characters."""
 
 
 class ClosedError(AsyncloadError, RuntimeError):

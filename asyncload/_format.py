@@ -43,6 +43,7 @@ __all__ = [
 
 FORMAT_NAME = "asyncload.manifest"
 FORMAT_VERSION = 1
+ENCRYPTION_SCHEME = "aes-256-gcm-v1"
 MAX_HEADER_SIZE = 100 * 1024 * 1024  # the limit safetensors itself enforces
 MAX_MANIFEST_SIZE = 1 << 30
 _MAX_DIMS = 64
@@ -131,9 +132,33 @@ class Manifest:
     blocks: tuple[BlockRef, ...]
     version: int = FORMAT_VERSION
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # Security (optional): the wrapped data key of an encrypted checkpoint, an
+    # HMAC over the canonical bytes (key holders), an Ed25519 signature (publishers).
+    encryption: Mapping[str, Any] | None = None
+    mac: str | None = None
+    signature: Mapping[str, str] | None = None
+
+    @property
+    def block_overhead(self) -> int:
+        """Bytes a stored block carries beyond its stream bytes (the 16-byte GCM tag when encrypted)."""
+        return 16 if self.encryption is not None else 0
+
+    def table_bytes(self) -> bytes:
+        """Canonical bytes of the tensor table, bound into every encrypted block."""
+        return table_bytes(self.tensors)
+
+    def canonical_bytes(self, *, without: tuple[str, ...] = ("mac", "signature")) -> bytes:
+        """The bytes a MAC or signature covers: the manifest JSON without those fields."""
+        doc = self._doc()
+        for k in without:
+            doc.pop(k, None)
+        return json.dumps(doc, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
 
     def to_json(self) -> bytes:
         """Canonical JSON bytes (sorted keys, no NaN), as written to disk."""
+        return (json.dumps(self._doc(), indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
+
+    def _doc(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
             "format": FORMAT_NAME,
             "version": self.version,
@@ -157,12 +182,25 @@ class Manifest:
         }
         if self.extra:
             doc["extra"] = dict(self.extra)
-        return (json.dumps(doc, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
+        if self.encryption is not None:
+            doc["encryption"] = dict(self.encryption)
+        if self.mac is not None:
+            doc["mac"] = self.mac
+        if self.signature is not None:
+            doc["signature"] = dict(self.signature)
+        return doc
 
     @classmethod
     def from_json(cls, data: bytes | str, *, name: str = "manifest") -> Manifest:
         """Parse and validate manifest bytes; raise :class:`ManifestError` naming ``name``."""
         return _parse_manifest(data, name)
+
+
+def table_bytes(tensors: Sequence[TensorInfo]) -> bytes:
+    """Canonical bytes of a tensor table: ``[[name, dtype, shape, begin, end], ...]`` in stream order."""
+    ordered = sorted(tensors, key=lambda t: (t.begin, t.end))
+    table = [[t.name, t.dtype, list(t.shape), t.begin, t.end] for t in ordered]
+    return json.dumps(table, separators=(",", ":"), ensure_ascii=True).encode()
 
 
 def _block_json(b: BlockRef) -> dict[str, Any]:
@@ -441,6 +479,21 @@ def _parse_manifest(data: bytes | str, name: str) -> Manifest:
     extra = doc.get("extra", {})
     if not isinstance(extra, dict):
         raise ManifestError(f"{name}: 'extra' must be an object")
+    encryption = doc.get("encryption")
+    if encryption is not None and (
+        not isinstance(encryption, dict)
+        or encryption.get("scheme") != ENCRYPTION_SCHEME
+        or not isinstance(encryption.get("key"), dict)
+    ):
+        raise ManifestError(f"{name}: 'encryption' must hold scheme {ENCRYPTION_SCHEME!r} and a key envelope")
+    mac = doc.get("mac")
+    if mac is not None and not (isinstance(mac, str) and re.fullmatch(r"[0-9a-f]{64}", mac)):
+        raise ManifestError(f"{name}: 'mac' must be 64 lowercase hex digits")
+    signature = doc.get("signature")
+    if signature is not None and not (
+        isinstance(signature, dict) and all(isinstance(v, str) for v in signature.values())
+    ):
+        raise ManifestError(f"{name}: 'signature' must map strings to strings")
     return Manifest(
         mid,
         block_size,
@@ -451,4 +504,7 @@ def _parse_manifest(data: bytes | str, name: str) -> Manifest:
         tuple(blocks),
         version,
         extra,
+        encryption,
+        mac,
+        signature,
     )

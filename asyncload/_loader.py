@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -23,6 +23,9 @@ from ._scheduler import BlockReader, unwrap_group
 from ._threads import run_sync
 from ._writer import Progress, TensorsInput, save_tensors
 from .sources import Source, SourceStatistics
+
+if TYPE_CHECKING:
+    from ._security import BlockCipher
 
 __all__ = ["LoaderStatistics", "Model", "load", "open", "save"]
 
@@ -62,7 +65,8 @@ class Model:
     ``budget`` bytes, allocated at open and reused by every read.
     """
 
-    def __init__(self, opened: Opened, limits: Limits) -> None:
+    def __init__(self, opened: Opened, limits: Limits, cipher: BlockCipher | None = None) -> None:
+        self._cipher = cipher
         self._opened = opened
         self.manifest: Manifest = opened.manifest
         self.limits = limits
@@ -92,8 +96,11 @@ class Model:
             raise ClosedError("a Model can be entered once")
         self.limits.check(len(self._sources))
         # Allocating and touching S bytes takes long enough to stall the event loop: use a thread.
-        self._ring = await run_sync(Ring, self.limits.block_size, self.limits.slots)
-        self._reader = BlockReader.for_sources(self._ring, self._sources, self.limits)
+        overhead = self.manifest.block_overhead
+        self._ring = await run_sync(Ring, self.limits.block_size + overhead, self.limits.slots)
+        self._reader = BlockReader.for_sources(
+            self._ring, self._sources, self.limits, cipher=self._cipher, overhead=overhead
+        )
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         return self
@@ -241,7 +248,17 @@ class _Opener:
             reads_per_source=kw["reads_per_source"],
             threads=kw["threads"] or DEFAULT_THREADS,
         )
-        return Model(opened, limits)
+        cipher = None
+        if kw["key"] is not None or kw["verify_key"] is not None or opened.manifest.encryption is not None:
+            from ._security import open_manifest
+
+            key = kw["key"]
+            if key is not None and not isinstance(key, (bytes, str, os.PathLike)) and callable(key):
+                from .codecs._aead import aload_key
+
+                key = await aload_key(key)
+            cipher = open_manifest(opened.manifest, key, verify_key=kw["verify_key"], name=opened.origin)
+        return Model(opened, limits, cipher)
 
     async def __aenter__(self) -> Model:
         self._model = await self._open()
@@ -262,6 +279,8 @@ def open(
     sources: Mapping[str, str] | None = None,
     reads_per_source: int = 4,
     threads: int | None = None,
+    key: Any | None = None,
+    verify_key: Any | None = None,
     wrap_source: Callable[[Source], Source] | None = None,
 ) -> _Opener:
     """Open a manifest, a ``.safetensors`` file or a Hugging Face directory for loading.
@@ -271,6 +290,10 @@ def open(
     fixes its own). ``sources`` re-points manifest source ids at new locations.
     ``reads_per_source`` bounds concurrent reads per source; ``threads`` bounds the
     worker threads (syscalls, checksums, copies) of this model (default: cores, min 2).
+    ``key`` opens an encrypted checkpoint (32 raw bytes, 64 hex characters, a
+    path to a key file, or a sync/async callable returning one); its manifest MAC
+    is checked before any block is read. ``verify_key`` (an Ed25519 public key:
+    PEM, 32 raw bytes, 64 hex, or a file) requires a valid publisher signature.
     ``open()`` never writes. ``wrap_source`` is a testing hook: each source is
     replaced by ``wrap_source(source)`` before any read (see
     :class:`asyncload.testing.FaultySource`).
@@ -282,6 +305,8 @@ def open(
         sources=sources,
         reads_per_source=reads_per_source,
         threads=threads,
+        key=key,
+        verify_key=verify_key,
         wrap_source=wrap_source,
     )
 
@@ -293,9 +318,13 @@ async def load(
     budget: int | str = DEFAULT_BUDGET,
     block_size: int | str | None = None,
     sources: Mapping[str, str] | None = None,
+    key: Any | None = None,
+    verify_key: Any | None = None,
 ) -> dict[str, np.ndarray]:
     """Open ``target`` and return every (or each named) tensor as an owned array."""
-    async with open(target, budget=budget, block_size=block_size, sources=sources) as model:
+    async with open(
+        target, budget=budget, block_size=block_size, sources=sources, key=key, verify_key=verify_key
+    ) as model:
         return await model.load(names)
 
 
@@ -309,6 +338,8 @@ async def save(
     metadata: Mapping[str, str] | None = None,
     writes_per_source: int = 4,
     progress: Progress | None = None,
+    key: Any | None = None,
+    sign_key: Any | None = None,
 ) -> str:
     """Write ``tensors`` as blocks over ``sources`` and commit a manifest at ``path``.
 
@@ -316,10 +347,25 @@ async def save(
     are consumed one at a time, so an async producer is never held whole. The
     manifest is written last, atomically: an interrupted save leaves the
     previous manifest at ``path`` loadable. Returns the manifest path.
+
+    ``key`` (32 bytes, 64 hex characters or a key file path) encrypts every block
+    with AES-256-GCM under a fresh data key wrapped by ``key``, and MACs the
+    manifest; an iterable input is then collected first (see docs/encryption.md).
+    ``sign_key`` (Ed25519 private key: PEM, 32 raw bytes, 64 hex, or a file)
+    signs the manifest.
     """
     m = parse_size(block_size, what="block_size")
     if m < MIN_BLOCK_SIZE:
         raise BudgetError(f"block_size {m} is below the minimum {MIN_BLOCK_SIZE} bytes")
     limits = Limits(parse_size(budget, what="budget"), m, writes_per_source)
-    out = await save_tensors(tensors, path, sources, limits=limits, metadata=metadata, progress=progress)
+    out = await save_tensors(
+        tensors,
+        path,
+        sources,
+        limits=limits,
+        metadata=metadata,
+        progress=progress,
+        key=key,
+        sign_key=sign_key,
+    )
     return os.fspath(out)

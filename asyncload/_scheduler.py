@@ -14,16 +14,20 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anyio
 import crc32c as _crc32c
 
 from ._config import Limits
-from ._exceptions import ChecksumError, TruncatedBlockError
+from ._exceptions import ChecksumError, DecryptionError, TruncatedBlockError
 from ._format import BlockRef
 from ._ring import Ring, Slot
 from ._threads import run_sync
 from .sources import Source
+
+if TYPE_CHECKING:
+    from ._security import BlockCipher
 
 __all__ = ["BlockReader", "ReaderStatistics", "crc32c_of", "unwrap_group"]
 
@@ -59,11 +63,17 @@ class BlockReader:
         sources: Mapping[str, Source],
         limiters: Mapping[str, anyio.CapacityLimiter],
         threads: anyio.CapacityLimiter | None = None,
+        cipher: BlockCipher | None = None,
+        overhead: int = 0,
     ) -> None:
         self.ring = ring
         self.sources = sources
         self.limiters = limiters
         self.threads = threads
+        self.cipher = cipher
+        # Stored bytes beyond the stream bytes (GCM tag). Without a cipher (verify without
+        # the key) the stored bytes are still read whole and checked against their crc32c.
+        self.overhead = cipher.overhead if cipher is not None else overhead
         for s in sources.values():
             s.threads = threads
         self._blocks_read = 0
@@ -78,10 +88,14 @@ class BlockReader:
         sources: Mapping[str, Source],
         limits: Limits,
         threads: anyio.CapacityLimiter | None = None,
+        cipher: BlockCipher | None = None,
+        overhead: int = 0,
     ) -> BlockReader:
         """A reader with one limiter per source and one worker-thread limiter, from ``limits``."""
         limiters = {k: anyio.CapacityLimiter(limits.reads_per_source) for k in sources}
-        return cls(ring, sources, limiters, threads or anyio.CapacityLimiter(limits.threads))
+        return cls(
+            ring, sources, limiters, threads or anyio.CapacityLimiter(limits.threads), cipher, overhead
+        )
 
     def statistics(self) -> ReaderStatistics:
         return ReaderStatistics(
@@ -91,7 +105,8 @@ class BlockReader:
     async def read_block(self, block: BlockRef, slot: Slot) -> None:
         """Fill ``slot`` with ``block``'s bytes, verified; raise an IntegrityError/SourceError otherwise."""
         source = self.sources[block.source]
-        buf = slot.memory.data[: block.length]
+        stored = block.length + self.overhead  # an encrypted block carries its GCM tag
+        buf = slot.memory.data[:stored]
         self._bytes_in_flight += block.length
         self._reads_in_flight += 1
         try:
@@ -100,10 +115,10 @@ class BlockReader:
         finally:
             self._bytes_in_flight -= block.length
             self._reads_in_flight -= 1
-        if n != block.length:
+        if n != stored:
             raise TruncatedBlockError(
                 f"block {block.index} ({block.key!r} on source {block.source!r}) is truncated: "
-                f"read {n} of {block.length} bytes"
+                f"read {n} of {stored} bytes"
             )
         slot.used = n
         if block.crc32c is not None:
@@ -114,6 +129,16 @@ class BlockReader:
                     f"block {block.index} ({block.key!r} on source {block.source!r}) is corrupt: "
                     f"crc32c {got:08x}, manifest says {block.crc32c:08x}"
                 )
+        if self.cipher is None:
+            slot.used = block.length if self.overhead == 0 else stored
+        else:
+            try:
+                await run_sync(self.cipher.open, block.index, slot.memory, stored, limiter=self.threads)
+            except DecryptionError as e:
+                raise DecryptionError(
+                    f"block {block.index} ({block.key!r} on source {block.source!r}): {e}"
+                ) from None
+            slot.used = block.length
         self._blocks_read += 1
 
     async def run(

@@ -7,20 +7,33 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from ._config import DEFAULT_BLOCK_SIZE, DEFAULT_BUDGET, MIN_BLOCK_SIZE, Limits, parse_size
 from ._exceptions import BudgetError, FormatError, IntegrityError, SourceError
 from ._format import BlockRef, FileEntry
-from ._inputs import open_input
+from ._inputs import Opened, open_input
 from ._ring import Ring, Slot
 from ._scheduler import BlockReader, unwrap_group
 from ._threads import run_sync
 from ._writer import Progress, pack_opened
-from .sources._local import fsync_dir
+from .sources._local import fsync_dir, makedirs_private
 
-__all__ = ["VerifyReport", "pack", "unpack", "verify"]
+if TYPE_CHECKING:
+    from ._security import BlockCipher
+
+__all__ = ["VerifyReport", "pack", "rekey", "unpack", "verify"]
+
+
+def _cipher_for(opened: Opened, key: Any | None, verify_key: Any | None) -> BlockCipher | None:
+    """Check the manifest's signature and MAC (when asked or needed); the block cipher, if encrypted."""
+    if key is None and verify_key is None and opened.manifest.encryption is None:
+        return None
+    from ._security import open_manifest
+
+    return open_manifest(opened.manifest, key, verify_key=verify_key, name=opened.origin)
 
 
 def _limits(budget: int | str, block_size: int, sources: int) -> Limits:
@@ -37,11 +50,14 @@ async def pack(
     block_size: int | str = DEFAULT_BLOCK_SIZE,
     budget: int | str = DEFAULT_BUDGET,
     progress: Progress | None = None,
+    key: Any | None = None,
+    sign_key: Any | None = None,
 ) -> str:
     """Cut a ``.safetensors`` file or HF directory into blocks over the ``to`` directories.
 
     Block i goes to directory i mod k. The manifest (default:
     ``<name>.asyncload.json`` beside the first directory) is committed last, atomically.
+    ``key`` encrypts the blocks, ``sign_key`` signs the manifest (see :func:`asyncload.save`).
     """
     m = parse_size(block_size, what="block_size")
     if m < MIN_BLOCK_SIZE:
@@ -55,7 +71,9 @@ async def pack(
         name = Path(os.fspath(src)).name.removesuffix(".safetensors") or "model"
         manifest = Path(os.fspath(to[0])).parent / f"{name}.asyncload.json"
     limits = _limits(budget, m, len(to))
-    out = await pack_opened(opened, manifest, to, limits=limits, progress=progress)
+    out = await pack_opened(
+        opened, manifest, to, limits=limits, progress=progress, key=key, sign_key=sign_key
+    )
     return os.fspath(out)
 
 
@@ -72,6 +90,31 @@ def _outputs(files: Sequence[FileEntry], out: Path, as_dir: bool) -> dict[str, P
     return {f.path: out / f.path for f in files}
 
 
+def _output_dir(out: Path, target: Path, name: str) -> None:
+    """Make ``target``'s directory (0700 where made); under ``out`` no link may lead outside ``out``.
+
+    ``out`` itself may be a link (the user chose it). File names come from the manifest, already
+    checked as plain relative paths; this refuses an existing symbolic link under ``out`` that
+    would carry a shard elsewhere, before anything is created or written.
+    """
+    if target == out:  # one file, written where the user said
+        makedirs_private(target.parent)
+        return
+    makedirs_private(out)
+    real_out = os.path.realpath(out)
+    d = out
+    for part in target.relative_to(out).parts[:-1]:
+        d = d / part
+        if not os.path.lexists(d):
+            d.mkdir(mode=0o700)
+        real = os.path.realpath(d)
+        if os.path.commonpath([real_out, real]) != real_out:
+            raise FormatError(
+                f"file {name!r}: output directory {str(d)!r} leads outside {str(out)!r} "
+                "through a symbolic link; refused"
+            )
+
+
 async def unpack(
     manifest: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -79,6 +122,8 @@ async def unpack(
     budget: int | str = DEFAULT_BUDGET,
     sources: dict[str, str] | None = None,
     progress: Progress | None = None,
+    key: Any | None = None,
+    verify_key: Any | None = None,
 ) -> list[str]:
     """Rebuild the original file(s), byte-identical: one ``.safetensors`` or a shard directory.
 
@@ -89,15 +134,16 @@ async def unpack(
     """
     opened = await open_input(manifest, block_size=DEFAULT_BLOCK_SIZE, sources=sources)
     man = opened.manifest
+    cipher = _cipher_for(opened, key, verify_key)
     limits = _limits(budget, man.block_size, len(opened.sources))
     outp = Path(os.fspath(out))
     targets = _outputs(man.files, outp, os.fspath(out).endswith(os.sep))
-    for p in targets.values():
-        p.parent.mkdir(parents=True, exist_ok=True)
+    for name, p in targets.items():
+        await run_sync(_output_dir, outp, p, name)
     temps = {k: p.with_name(f".{p.name}.{secrets.token_hex(4)}.tmp") for k, p in targets.items()}
     fds = {k: os.open(t, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600) for k, t in temps.items()}
-    ring = await run_sync(Ring, limits.block_size, limits.slots)
-    reader = BlockReader.for_sources(ring, opened.sources, limits)
+    ring = await run_sync(Ring, limits.block_size + man.block_overhead, limits.slots)
+    reader = BlockReader.for_sources(ring, opened.sources, limits, cipher=cipher)
     ok = False
 
     def write_block(block: BlockRef, data: memoryview) -> None:
@@ -168,13 +214,22 @@ async def verify(
     budget: int | str = DEFAULT_BUDGET,
     sources: dict[str, str] | None = None,
     progress: Progress | None = None,
+    key: Any | None = None,
+    verify_key: Any | None = None,
 ) -> VerifyReport:
     """Read every block and check its length and crc32c; report each bad block (never raise for one)."""
     opened = await open_input(manifest, block_size=DEFAULT_BLOCK_SIZE, sources=sources)
     man = opened.manifest
+    # Without the key, an encrypted store is checked by crc32c of what is stored; with it,
+    # every block's GCM tag is checked too (and the manifest MAC before anything is read).
+    cipher = None
+    if key is not None or verify_key is not None:
+        from ._security import open_manifest
+
+        cipher = open_manifest(man, key, verify_key=verify_key, name=opened.origin)
     limits = _limits(budget, man.block_size, len(opened.sources))
-    ring = await run_sync(Ring, limits.block_size, limits.slots)
-    reader = BlockReader.for_sources(ring, opened.sources, limits)
+    ring = await run_sync(Ring, limits.block_size + man.block_overhead, limits.slots)
+    reader = BlockReader.for_sources(ring, opened.sources, limits, cipher=cipher, overhead=man.block_overhead)
     bad: list[BadBlock] = []
     checked = 0
 
@@ -183,7 +238,7 @@ async def verify(
         try:
             await reader.read_block(block, slot)
             checked += block.length
-        except (SourceError, IntegrityError) as e:
+        except (SourceError, IntegrityError) as e:  # DecryptionError is an IntegrityError
             bad.append(BadBlock(block.index, block.source, block.key, str(e)))
         finally:
             ring.release(slot)
@@ -196,3 +251,25 @@ async def verify(
             tg.start_soon(one, block, slot)
     bad.sort(key=lambda b: b.index)
     return VerifyReport(opened.origin, len(man.blocks), checked, tuple(bad))
+
+
+async def rekey(
+    manifest: str | os.PathLike[str],
+    old_key: Any,
+    new_key: Any,
+    *,
+    sign_key: Any | None = None,
+) -> str:
+    """Re-wrap an encrypted checkpoint's data key under ``new_key``; no block file changes.
+
+    The manifest is checked with ``old_key`` first (a wrong key is refused) and
+    replaced atomically. A signature, if any, is dropped unless ``sign_key`` re-signs.
+    """
+    from ._security import rekey_manifest
+    from ._writer import commit_manifest
+
+    opened = await open_input(manifest, block_size=DEFAULT_BLOCK_SIZE)
+    if opened.kind != "manifest":
+        raise FormatError(f"{manifest}: rekey needs an asyncload manifest")
+    new = rekey_manifest(opened.manifest, old_key, new_key, sign_key=sign_key, name=opened.origin)
+    return os.fspath(await commit_manifest(manifest, new))

@@ -14,7 +14,7 @@ import os
 import uuid
 from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import numpy as np
@@ -31,6 +31,9 @@ from ._threads import run_sync
 from .sources import LocalSource, Source
 from .sources._local import fsync_dir, write_file_atomic
 
+if TYPE_CHECKING:
+    from ._security import BlockCipher
+
 __all__ = ["ScatterWriter", "commit_manifest", "pack_opened", "save_tensors"]
 
 Progress = Callable[[int], None]
@@ -39,11 +42,22 @@ TensorsInput = (
 )
 
 
+_LATE = 1_000_000_000  # tag base for data blocks whose stream index is fixed only at the end
+
+
 class ScatterWriter:
     """Writes filled slots as blocks, concurrently, one limiter per source."""
 
-    def __init__(self, sources: Sequence[Source], ring: Ring, limits: Limits, ckpt_id: str) -> None:
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        ring: Ring,
+        limits: Limits,
+        ckpt_id: str,
+        cipher: BlockCipher | None = None,
+    ) -> None:
         self.sources = list(sources)
+        self.cipher = cipher
         self.ring = ring
         self.limiters = {s.id: anyio.CapacityLimiter(limits.reads_per_source) for s in self.sources}
         self.ckpt_id = ckpt_id
@@ -57,14 +71,18 @@ class ScatterWriter:
         self, tag: int, src: Source, key: str, offset: int, slot: Slot, progress: Progress | None
     ) -> None:
         try:
-            data = slot.memory.data[: slot.used]
-            crc = await checksum(data, self.threads)
+            length = slot.used
+            stored = length
+            if self.cipher is not None:  # tag = the block's stream index, bound into its AAD
+                stored = await run_sync(self.cipher.seal, tag, slot.memory, length, limiter=self.threads)
+            data = slot.memory.data[:stored]
+            crc = await checksum(data, self.threads)  # over what is stored: repair needs no key
             async with self.limiters[src.id]:
                 await src.write(key, data)
-            self.blocks[tag] = BlockRef(tag, src.id, key, offset, len(data), crc)
-            self.bytes_written += len(data)
+            self.blocks[tag] = BlockRef(tag, src.id, key, offset, length, crc)
+            self.bytes_written += stored
             if progress is not None:
-                progress(len(data))
+                progress(length)
         finally:
             self.ring.release(slot)
 
@@ -144,6 +162,14 @@ def _fill(dst: np.ndarray, d0: int, src: np.ndarray, s0: int, n: int) -> None:
     dst[d0 : d0 + n] = src[s0 : s0 + n]
 
 
+async def _materialize(tensors: TensorsInput) -> list[tuple[str, np.ndarray]]:
+    return [item async for item in _iterate(tensors)]
+
+
+def _header_blocks(header_size: int, m: int) -> int:
+    return -(-header_size // m)
+
+
 async def save_tensors(
     tensors: TensorsInput,
     manifest_path: str | os.PathLike[str],
@@ -152,15 +178,43 @@ async def save_tensors(
     limits: Limits,
     metadata: Mapping[str, str] | None = None,
     progress: Progress | None = None,
+    key: Any | None = None,
+    sign_key: Any | None = None,
 ) -> Path:
-    """Serialize tensors as a safetensors stream into slots, scatter, then commit."""
+    """Serialize tensors as a safetensors stream into slots, scatter, then commit.
+
+    Without a key the input is consumed one tensor at a time and the header is
+    written last. With a key every block's authentication data binds the block
+    count and the tensor table, so those must be known before the first block
+    is sealed: an (async) iterable is collected first (its arrays stay
+    referenced until the save ends) and the header is laid out up front.
+    """
     srcs = _open_sources(sources)
     limits.check(len(srcs))
     mpath = Path(os.fspath(manifest_path))
     ckpt_id = uuid.uuid4().hex
-    ring = await run_sync(Ring, limits.block_size, limits.slots)
-    writer = ScatterWriter(srcs, ring, limits, ckpt_id)
     m = limits.block_size
+    cipher = None
+    encryption = None
+    planned_header: bytes | None = None
+    if key is not None:
+        from ._security import new_cipher_for
+        from .codecs._aead import load_key
+
+        user_key = load_key(key)
+        items = await _materialize(tensors)
+        tensors = items
+        planned = [(name, *_as_bytes(name, arr)) for name, arr in items]
+        planned_header = build_header([(n, d, sh, f.nbytes) for n, d, sh, f in planned], metadata)
+        data_total = sum(f.nbytes for *_, f in planned)
+        count = _header_blocks(len(planned_header), m) + -(-data_total // m)
+        total = len(planned_header) + data_total
+        table = parse_header(planned_header, file_size=total, name="new checkpoint")
+        cipher, encryption = new_cipher_for(user_key, ckpt_id, max(count, 1), table.tensors)
+    ring = await run_sync(Ring, m + (cipher.overhead if cipher else 0), limits.slots)
+    writer = ScatterWriter(srcs, ring, limits, ckpt_id, cipher)
+    # Stream index of data block d: known up front when the header is; else fixed at the end.
+    first_data = _header_blocks(len(planned_header), m) if planned_header is not None else _LATE
     entries: list[tuple[str, str, tuple[int, ...], int]] = []
     seen: set[str] = set()
     data_pos = 0  # bytes of the data section serialized so far
@@ -187,32 +241,23 @@ async def save_tensors(
                     done += n
                     data_pos += n
                     if slot.used == m:
-                        # Data block offsets are fixed once the header size is known.
                         writer.submit(
-                            tg,
-                            1_000_000_000 + n_data,
-                            n_data % len(srcs),
-                            f"d{n_data:06d}",
-                            data_pos - m,
-                            slot,
+                            tg, first_data + n_data, n_data % len(srcs), f"d{n_data:06d}", data_pos - m, slot,
                             progress,
-                        )
+                        )  # fmt: skip
                         n_data += 1
                         slot = None
             if slot is not None and slot.used:
                 writer.submit(
-                    tg,
-                    1_000_000_000 + n_data,
-                    n_data % len(srcs),
-                    f"d{n_data:06d}",
-                    data_pos - slot.used,
-                    slot,
+                    tg, first_data + n_data, n_data % len(srcs), f"d{n_data:06d}", data_pos - slot.used, slot,
                     progress,
-                )
+                )  # fmt: skip
                 n_data += 1
             elif slot is not None:
                 ring.release(slot)
             header = build_header(entries, metadata)
+            if planned_header is not None and header != planned_header:
+                raise FormatError("the tensors changed while they were being saved")
             pos = 0
             n_head = 0
             while pos < len(header):
@@ -228,10 +273,12 @@ async def save_tensors(
         raise unwrap_group(eg) from None
     hsize = len(header)
     blocks: list[BlockRef] = []
-    for tag in sorted(writer.blocks):
+    for tag in sorted(writer.blocks):  # header blocks (tags 0..) sort before data blocks
         b = writer.blocks[tag]
-        off = b.offset if tag < 1_000_000_000 else hsize + b.offset
+        off = b.offset if tag < n_head else hsize + b.offset
         blocks.append(BlockRef(len(blocks), b.source, b.key, off, b.length, b.crc32c))
+        if cipher is not None and tag != len(blocks) - 1:
+            raise AssertionError(f"block {tag} was sealed for the wrong position {len(blocks) - 1}")
     total = hsize + data_pos
     hdr = parse_header(header, file_size=total, name="new checkpoint")
     manifest = Manifest(
@@ -249,8 +296,17 @@ async def save_tensors(
         tensors=hdr.tensors,
         sources=tuple(_manifest_sources(sources, mpath.parent)),
         blocks=tuple(blocks),
+        encryption=encryption,
     )
-    return await commit_manifest(mpath, manifest)
+    return await commit_manifest(mpath, _seal(manifest, cipher, sign_key))
+
+
+def _seal(manifest: Manifest, cipher: BlockCipher | None, sign_key: Any | None) -> Manifest:
+    if cipher is None and sign_key is None:
+        return manifest
+    from ._security import seal_manifest
+
+    return seal_manifest(manifest, cipher, sign_key)
 
 
 # --------------------------------------------------------------------------- pack
@@ -263,6 +319,8 @@ async def pack_opened(
     *,
     limits: Limits,
     progress: Progress | None = None,
+    key: Any | None = None,
+    sign_key: Any | None = None,
 ) -> Path:
     """Copy an in-place input (safetensors file or HF directory) into a block store."""
     dest = _open_sources(sources)
@@ -270,8 +328,14 @@ async def pack_opened(
     src_man = opened.manifest
     mpath = Path(os.fspath(manifest_path))
     ckpt_id = uuid.uuid4().hex
-    ring = await run_sync(Ring, limits.block_size, limits.slots)
-    writer = ScatterWriter(dest, ring, limits, ckpt_id)
+    cipher = encryption = None
+    if key is not None:
+        from ._security import new_cipher_for
+        from .codecs._aead import load_key
+
+        cipher, encryption = new_cipher_for(load_key(key), ckpt_id, len(src_man.blocks), src_man.tensors)
+    ring = await run_sync(Ring, limits.block_size + (cipher.overhead if cipher else 0), limits.slots)
+    writer = ScatterWriter(dest, ring, limits, ckpt_id, cipher)
     reader = BlockReader.for_sources(ring, opened.sources, limits, writer.threads)
     placement = place_blocks(len(src_man.blocks), len(dest))
     try:
@@ -301,5 +365,6 @@ async def pack_opened(
         tensors=src_man.tensors,
         sources=tuple(_manifest_sources(sources, mpath.parent)),
         blocks=blocks,
+        encryption=encryption,
     )
-    return await commit_manifest(mpath, manifest)
+    return await commit_manifest(mpath, _seal(manifest, cipher, sign_key))

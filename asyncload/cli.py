@@ -15,10 +15,10 @@ import anyio
 
 from . import __version__
 from ._config import DEFAULT_BLOCK_SIZE, DEFAULT_BUDGET, format_size, parse_size
-from ._exceptions import AsyncloadError
+from ._exceptions import AsyncloadError, KeyRequiredError
 from ._loader import open as open_model
 from ._metrics import LagMonitor, current_rss, peak_rss, reset_peak_rss
-from ._tools import pack, unpack, verify
+from ._tools import pack, rekey, unpack, verify
 
 __all__ = ["main"]
 
@@ -69,6 +69,13 @@ def _sources_arg(items: Sequence[str] | None) -> dict[str, str] | None:
     return out
 
 
+def _key(a: argparse.Namespace) -> Any:
+    """The user key: --key-file, else $ASYNCLOAD_KEY, else None (never printed)."""
+    from .codecs._aead import resolve_key
+
+    return resolve_key(None, getattr(a, "key_file", None))
+
+
 async def _total_of(target: str, sources: dict[str, str] | None) -> int:
     from ._inputs import open_input
 
@@ -86,7 +93,21 @@ async def cmd_pack(a: argparse.Namespace) -> int:
     bar = _Progress(opened.manifest.total_size, "pack", not a.quiet)
     t0 = time.perf_counter()
     try:
-        path = await pack(a.src, a.to, a.output, block_size=a.block_size, budget=a.budget, progress=bar)
+        key = _key(a) if a.encrypt or a.key_file else None
+        if (a.encrypt or a.key_file) and key is None:
+            raise KeyRequiredError(
+                "--encrypt needs a key: --key-file PATH or ASYNCLOAD_KEY (64 hex characters)"
+            )
+        path = await pack(
+            a.src,
+            a.to,
+            a.output,
+            block_size=a.block_size,
+            budget=a.budget,
+            progress=bar,
+            key=key,
+            sign_key=a.sign_key,
+        )
     finally:
         bar.close()
     dt = time.perf_counter() - t0
@@ -105,7 +126,13 @@ async def cmd_unpack(a: argparse.Namespace) -> int:
     bar = _Progress(opened.manifest.total_size, "unpack", not a.quiet)
     try:
         paths = await unpack(
-            a.manifest, a.output, budget=a.budget, sources=_sources_arg(a.source), progress=bar
+            a.manifest,
+            a.output,
+            budget=a.budget,
+            sources=_sources_arg(a.source),
+            progress=bar,
+            key=_key(a),
+            verify_key=a.verify_key,
         )
     finally:
         bar.close()
@@ -127,6 +154,8 @@ async def cmd_load(a: argparse.Namespace) -> int:
         sources=_sources_arg(a.source),
         threads=a.threads,
         reads_per_source=a.reads_per_source,
+        key=_key(a),
+        verify_key=a.verify_key,
     ) as model:
         bar = _Progress(model.nbytes, "load", not a.quiet and not a.json)
         async with LagMonitor() as lag:
@@ -180,7 +209,14 @@ async def cmd_verify(a: argparse.Namespace) -> int:
     total = await _total_of(a.manifest, _sources_arg(a.source)) if not a.quiet else 0
     bar = _Progress(total, "verify", not a.quiet and not a.json)
     try:
-        report = await verify(a.manifest, budget=a.budget, sources=_sources_arg(a.source), progress=bar)
+        report = await verify(
+            a.manifest,
+            budget=a.budget,
+            sources=_sources_arg(a.source),
+            progress=bar,
+            key=_key(a),
+            verify_key=a.verify_key,
+        )
     finally:
         bar.close()
     if a.json:
@@ -204,26 +240,46 @@ async def cmd_verify(a: argparse.Namespace) -> int:
 
 
 async def cmd_info(a: argparse.Namespace) -> int:
-    async with open_model(a.target, budget=a.budget, sources=_sources_arg(a.source)) as model:
-        m = model.manifest
-        if a.json:
-            print(m.to_json().decode(), end="")
-            return 0
-        print(f"{model.origin} ({model.kind}), id {m.id}")
-        print(
-            f"  {len(m.tensors)} tensors, {m.total_size} bytes ({format_size(m.total_size)}), "
-            f"{len(m.blocks)} blocks of up to {format_size(m.block_size)}"
-        )
-        for f in m.files:
-            print(f"  file {f.path}: {f.size} bytes ({f.kind})")
-        for s in m.sources:
-            count = sum(1 for b in m.blocks if b.source == s.id)
-            print(f"  source {s.id}: {s.location} ({count} blocks)")
-        shown = m.tensors if a.all else m.tensors[:20]
-        for t in shown:
-            print(f"  {t.name}: {t.dtype} {list(t.shape)} {t.nbytes} bytes")
-        if len(shown) < len(m.tensors):
-            print(f"  ... {len(m.tensors) - len(shown)} more (use --all)")
+    from ._inputs import open_input
+
+    opened = await open_input(a.target, block_size=DEFAULT_BLOCK_SIZE, sources=_sources_arg(a.source))
+    key = _key(a)
+    if key is not None or a.verify_key is not None:  # check MAC / signature when asked
+        from ._security import open_manifest
+
+        open_manifest(opened.manifest, key, verify_key=a.verify_key, name=opened.origin)
+    m = opened.manifest
+    if a.json:
+        print(m.to_json().decode(), end="")
+        return 0
+    state = "encrypted" if m.encryption is not None else "not encrypted"
+    signed = ", signed" if m.signature is not None else ""
+    print(f"{opened.origin} ({opened.kind}), id {m.id}, {state}{signed}")
+    print(
+        f"  {len(m.tensors)} tensors, {m.total_size} bytes ({format_size(m.total_size)}), "
+        f"{len(m.blocks)} blocks of up to {format_size(m.block_size)}"
+    )
+    for f in m.files:
+        print(f"  file {f.path}: {f.size} bytes ({f.kind})")
+    for s in m.sources:
+        count = sum(1 for b in m.blocks if b.source == s.id)
+        print(f"  source {s.id}: {s.location} ({count} blocks)")
+    shown = m.tensors if a.all else m.tensors[:20]
+    for t in shown:
+        print(f"  {t.name}: {t.dtype} {list(t.shape)} {t.nbytes} bytes")
+    if len(shown) < len(m.tensors):
+        print(f"  ... {len(m.tensors) - len(shown)} more (use --all)")
+    return 0
+
+
+async def cmd_rekey(a: argparse.Namespace) -> int:
+    from .codecs._aead import key_from_file
+
+    old = _key(a)
+    if old is None:
+        raise KeyRequiredError("rekey needs the current key: --key-file PATH or ASYNCLOAD_KEY")
+    path = await rekey(a.manifest, old, key_from_file(a.new_key_file), sign_key=a.sign_key)
+    print(f"{path}: data key re-wrapped under the new key; no block changed")
     return 0
 
 
@@ -268,6 +324,19 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"memory budget S for the slot ring (default {format_size(DEFAULT_BUDGET)}; {size_help})",
         )
 
+    def keys(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--key-file",
+            metavar="PATH",
+            help="key of an encrypted checkpoint: 32 raw bytes or 64 hex characters "
+            "(default: $ASYNCLOAD_KEY if set)",
+        )
+        sp.add_argument(
+            "--verify-key",
+            metavar="PATH",
+            help="Ed25519 public key (PEM, 32 raw bytes or 64 hex): require a valid publisher signature",
+        )
+
     def source(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
             "--source",
@@ -297,6 +366,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"block size m (default {format_size(DEFAULT_BLOCK_SIZE)}, at least 4KiB)",
     )
     budget(sp)
+    sp.add_argument(
+        "--encrypt",
+        action="store_true",
+        help="encrypt every block (AES-256-GCM) under --key-file or $ASYNCLOAD_KEY",
+    )
+    sp.add_argument("--key-file", metavar="PATH", help="32 raw bytes or 64 hex characters; implies --encrypt")
+    sp.add_argument(
+        "--sign-key", metavar="PATH", help="Ed25519 private key (PEM or raw) to sign the manifest"
+    )
     sp.set_defaults(func=cmd_pack)
 
     sp = sub.add_parser("unpack", help="rebuild the original file(s) byte-identically")
@@ -310,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     budget(sp)
     source(sp)
+    keys(sp)
     sp.set_defaults(func=cmd_unpack)
 
     sp = sub.add_parser(
@@ -339,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--reads-per-source", type=int, default=4, help="concurrent reads per source (default 4)")
     source(sp)
+    keys(sp)
     sp.set_defaults(func=cmd_load)
 
     sp = sub.add_parser("verify", help="check every block's length and crc32c; exit 1 naming each bad block")
@@ -346,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget(sp)
     sp.add_argument("--json", action="store_true", help="print one JSON object")
     source(sp)
+    keys(sp)
     sp.set_defaults(func=cmd_verify)
 
     sp = sub.add_parser("info", help="show tensors, sizes, sources and blocks")
@@ -354,7 +435,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print the manifest as JSON")
     budget(sp)
     source(sp)
+    keys(sp)
     sp.set_defaults(func=cmd_info)
+
+    sp = sub.add_parser("rekey", help="re-wrap an encrypted checkpoint's data key under a new key")
+    sp.add_argument("manifest")
+    sp.add_argument("--key-file", metavar="PATH", help="current key (default: $ASYNCLOAD_KEY)")
+    sp.add_argument("--new-key-file", metavar="PATH", required=True, help="new key: 32 raw bytes or 64 hex")
+    sp.add_argument("--sign-key", metavar="PATH", help="re-sign the manifest with this Ed25519 key")
+    sp.set_defaults(func=cmd_rekey)
 
     sp = sub.add_parser(
         "demo",

@@ -2,6 +2,22 @@
 
 Every syscall runs in a worker thread; reads go straight into the caller's
 buffer with ``os.preadv`` — no intermediate bytes objects.
+
+Keys never leave the root. Besides the lexical check (no ``..``, no absolute
+or empty components), every access walks from the root one component at a
+time, each opened with ``O_NOFOLLOW`` relative to the directory before it, so
+what is read or written is exactly what was checked: a link swapped in
+between a check and a use is never followed. The root itself may be a link
+(sources are often mounts). A link *inside* the root is followed only when
+its real path is inside the real root too; one leading outside is refused
+with :class:`~asyncload.BlockNotFoundError` before any byte is read or
+written. Only regular files are read: a FIFO or device under a key is
+refused, and opening it cannot block.
+
+``follow_symlinks=True`` gives reads plain path semantics instead — for files
+read in place from a directory the user chose, such as a Hugging Face cache
+snapshot whose shards are links into ``../../blobs``. Writes are always
+confined.
 """
 
 from __future__ import annotations
@@ -9,7 +25,10 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import stat
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from .._exceptions import BlockNotFoundError, SourceUnavailableError
 from .._threads import run_sync
@@ -20,42 +39,146 @@ __all__ = ["LocalSource"]
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
 
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_DIR = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC
+_O_DIR_NOFOLLOW = _O_DIR | _NOFOLLOW
+_O_READ = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | _CLOEXEC  # opening a FIFO must not block
+_O_READ_NOFOLLOW = _O_READ | _NOFOLLOW
+# What opening a symbolic link with O_NOFOLLOW fails with: ELOOP, ENOTDIR (with O_DIRECTORY on
+# Linux), EMLINK (FreeBSD).
+_LINK_ERRNOS = frozenset({errno.ELOOP, errno.ENOTDIR, errno.EMLINK})
+
+T = TypeVar("T")
+
 
 class LocalSource(Source):
     """Blocks stored as files under a root directory: ``root/key``."""
 
     supports_writes = True
 
-    def __init__(self, id: str, location: str | os.PathLike[str], *, create: bool = False) -> None:
+    def __init__(
+        self,
+        id: str,
+        location: str | os.PathLike[str],
+        *,
+        create: bool = False,
+        follow_symlinks: bool = False,
+    ) -> None:
         super().__init__(id, os.fspath(location))
         self.root = Path(location)
+        self._root = os.fspath(location)
         self._create = create
+        self._follow = follow_symlinks
         self._dirs_to_sync: set[Path] = set()
 
-    def _path(self, key: str) -> Path:
+    # -- paths ---------------------------------------------------------------------
+    def _parts(self, key: str) -> list[str]:
         parts = key.split("/")
-        if key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        if "" in parts or "." in parts or ".." in parts or "\0" in key:  # "" also catches "/abs"
             raise BlockNotFoundError(f"source {self.id!r}: key {key!r} is not a safe relative path")
-        return self.root.joinpath(*parts)
+        return parts
 
-    def _missing(self, key: str, path: Path) -> BlockNotFoundError:
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*self._parts(key))
+
+    def _missing(self, key: str) -> BlockNotFoundError:
         if not self.root.is_dir():
             return BlockNotFoundError(
                 f"source {self.id!r}: directory {str(self.root)!r} does not exist (needed for key {key!r})"
             )
-        return BlockNotFoundError(f"source {self.id!r}: block {key!r} not found ({path})")
+        return BlockNotFoundError(f"source {self.id!r}: block {key!r} not found ({self.root / key})")
 
-    # -- reads ---------------------------------------------------------------------
-    def _read_sync(self, key: str, offset: int, buf: memoryview) -> int:
-        path = self._path(key)
+    def _resolved(self, key: str, parts: list[str]) -> list[str]:
+        """After a walk met a link: the key's real path relative to the real root, or refuse."""
+        real_root = os.path.realpath(self.root)
+        real = os.path.realpath(self.root.joinpath(*parts))
+        if real == real_root or os.path.commonpath([real_root, real]) != real_root:
+            raise BlockNotFoundError(
+                f"source {self.id!r}: key {key!r} leads outside the source root {str(self.root)!r} "
+                "through a symbolic link; refused"
+            )
+        return os.path.relpath(real, real_root).split(os.sep)
+
+    def _walk(self, parts: list[str], create: bool) -> int:
+        """An fd of the directory holding ``parts[-1]``, reached from the root following no link.
+
+        With ``create``, missing directories are made (0700) and their parents queued for fsync.
+        """
+        fd = os.open(self._root, _O_DIR)  # the root itself may be a link
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError:
-            raise self._missing(key, path) from None
+            for i in range(len(parts) - 1):
+                try:
+                    nfd = os.open(parts[i], _O_DIR_NOFOLLOW, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    try:
+                        os.mkdir(parts[i], _DIR_MODE, dir_fd=fd)
+                        self._dirs_to_sync.add(self.root.joinpath(*parts[:i]))
+                    except FileExistsError:
+                        pass  # made meanwhile by another writer; the open checks what it is
+                    nfd = os.open(parts[i], _O_DIR_NOFOLLOW, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _at(self, key: str, action: Callable[[int, str], T], *, create: bool = False) -> T:
+        """``action(dir_fd, name)`` for ``key``, confined to the root.
+
+        The first walk follows no link. If it meets one, the key's real path is checked against
+        the real root and, when inside, walked again — still following no link, so one swapped
+        in meanwhile fails that walk (as an OSError) instead of being followed.
+        """
+        parts = self._parts(key)
+        for retry in (False, True):
+            try:
+                dfd = self._walk(parts, create)
+            except OSError as e:
+                if retry or e.errno not in _LINK_ERRNOS:
+                    raise
+            else:
+                try:
+                    return action(dfd, parts[-1])
+                except OSError as e:
+                    if retry or e.errno not in _LINK_ERRNOS:
+                        raise
+                finally:
+                    os.close(dfd)
+            parts = self._resolved(key, parts)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _open_read(self, key: str) -> int:
+        """A read-only fd of the regular file under ``key``."""
+        try:
+            if self._follow:
+                fd = os.open(os.path.join(self._root, *self._parts(key)), _O_READ)
+            else:
+                fd = self._at(key, _open_read_at)
+        except BlockNotFoundError:
+            raise
+        except (FileNotFoundError, NotADirectoryError):
+            raise self._missing(key) from None
         except OSError as e:
             raise SourceUnavailableError(f"source {self.id!r}: cannot open {key!r}: {e.strerror}") from None
         try:
-            done = 0
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise BlockNotFoundError(f"source {self.id!r}: key {key!r} is not a regular file; refused")
+        return fd
+
+    # -- reads ---------------------------------------------------------------------
+    def _read_sync(self, key: str, offset: int, buf: memoryview) -> int:
+        fd = self._open_read(key)
+        done = 0
+        try:
             want = len(buf)
             while done < want:
                 n = os.preadv(fd, [buf[done:]], offset + done)
@@ -83,28 +206,26 @@ class LocalSource(Source):
         self._bytes_read += n
         return n
 
-    async def size(self, key: str) -> int:
-        path = self._path(key)
+    def _size_sync(self, key: str) -> int:
+        fd = self._open_read(key)
         try:
-            return (await run_sync(os.stat, path)).st_size
-        except FileNotFoundError:
-            raise self._missing(key, path) from None
-        except OSError as e:
-            raise SourceUnavailableError(f"source {self.id!r}: cannot stat {key!r}: {e.strerror}") from None
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+
+    async def size(self, key: str) -> int:
+        return await run_sync(self._size_sync, key)
 
     # -- writes --------------------------------------------------------------------
     def _write_sync(self, key: str, data: memoryview) -> None:
-        path = self._path(key)
+        parts = self._parts(key)
         if not self.root.is_dir():
             if not self._create:
                 raise BlockNotFoundError(f"source {self.id!r}: directory {str(self.root)!r} does not exist")
-            self.root.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
-            self._dirs_to_sync.add(self.root.parent)
-        if not path.parent.is_dir():
-            path.parent.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
-            self._dirs_to_sync.add(path.parent.parent)  # the new directory's entry
-        write_file_atomic(path, data)
-        self._dirs_to_sync.add(path.parent)
+            for made in makedirs_private(self.root):
+                self._dirs_to_sync.add(made.parent)
+        self._at(key, lambda d, name: write_file_atomic_at(d, name, data), create=True)
+        self._dirs_to_sync.add(self.root.joinpath(*parts[:-1]))
 
     async def write(self, key: str, data: memoryview) -> None:
         self._in_flight += 1
@@ -129,19 +250,52 @@ class LocalSource(Source):
     async def sync(self) -> None:
         await run_sync(self._sync_dirs)
 
+    def _delete_sync(self, key: str) -> None:
+        try:
+            self._at(key, lambda d, name: os.unlink(name, dir_fd=d))
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+
     async def delete(self, key: str) -> None:
-        path = self._path(key)
-        await run_sync(lambda: path.unlink(missing_ok=True))
+        await run_sync(self._delete_sync, key)
 
 
-def write_file_atomic(path: Path, data: memoryview | bytes, mode: int = _FILE_MODE) -> None:
-    """Write ``data`` to a temporary name beside ``path``, fsync it, rename it over ``path``.
+def _open_read_at(dir_fd: int, name: str) -> int:
+    return os.open(name, _O_READ_NOFOLLOW, dir_fd=dir_fd)
 
-    The file appears whole or not at all; fsync the directory afterwards to make
-    the rename itself durable.
+
+def makedirs_private(path: Path) -> list[Path]:
+    """Create ``path`` and any missing parents, each 0700 (``mkdir -p`` gives parents 0777 - umask).
+
+    Returns the directories made, outermost first.
     """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
+    missing: list[Path] = []
+    p = path
+    while not p.is_dir():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    made = []
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=_DIR_MODE)
+            made.append(d)
+        except FileExistsError:
+            if not d.is_dir():
+                raise
+    return made
+
+
+def write_file_atomic_at(dir_fd: int, name: str, data: memoryview | bytes, mode: int = _FILE_MODE) -> None:
+    """Write ``data`` to a temporary name in the directory ``dir_fd``, fsync it, rename it to ``name``.
+
+    The file appears whole or not at all. Neither name is followed if it is a link: the
+    temporary is created exclusively, and the rename replaces a link at ``name`` rather than
+    writing through it. fsync the directory afterwards to make the rename itself durable.
+    """
+    tmp = f".{name}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, mode, dir_fd=dir_fd)
     try:
         view = memoryview(data)
         while view:
@@ -149,10 +303,23 @@ def write_file_atomic(path: Path, data: memoryview | bytes, mode: int = _FILE_MO
         os.fsync(fd)
     except BaseException:
         os.close(fd)
-        tmp.unlink(missing_ok=True)
+        os.unlink(tmp, dir_fd=dir_fd)
         raise
     os.close(fd)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        os.unlink(tmp, dir_fd=dir_fd)
+        raise
+
+
+def write_file_atomic(path: Path, data: memoryview | bytes, mode: int = _FILE_MODE) -> None:
+    """:func:`write_file_atomic_at` by path (the parent directory may be a link; ``path`` is not followed)."""
+    dfd = os.open(path.parent, _O_DIR)
+    try:
+        write_file_atomic_at(dfd, path.name, data, mode)
+    finally:
+        os.close(dfd)
 
 
 def fsync_dir(path: Path) -> None:
