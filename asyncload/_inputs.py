@@ -184,5 +184,7 @@ async def open_input(
             loc = resolve_location(ref.location, base)
         else:
             loc = base
-        built[ref.id] = LocalSource(ref.id, loc)
+        # Files read in place may be links (a Hugging Face cache snapshot links every
+        # shard to ../../blobs/); a block store's keys stay confined to their root.
+        built[ref.id] = LocalSource(ref.id, loc, follow_symlinks=kind != "manifest")
     return Opened(manifest, built, str(path), kind)

@@ -251,12 +251,9 @@ class _Opener:
         cipher = None
         if kw["key"] is not None or kw["verify_key"] is not None or opened.manifest.encryption is not None:
             from ._security import open_manifest
+            from .codecs._aead import aload_key
 
-            key = kw["key"]
-            if key is not None and not isinstance(key, (bytes, str, os.PathLike)) and callable(key):
-                from .codecs._aead import aload_key
-
-                key = await aload_key(key)
+            key = None if kw["key"] is None else await aload_key(kw["key"])
             cipher = open_manifest(opened.manifest, key, verify_key=kw["verify_key"], name=opened.origin)
         return Model(opened, limits, cipher)
 

@@ -215,11 +215,17 @@ def open_manifest(
 
     Raises :class:`KeyRequiredError` for an encrypted checkpoint without a key,
     :class:`DecryptionError` for a wrong key or altered key envelope, and
-    :class:`AuthenticationError` for a MAC or signature that does not verify.
+    :class:`AuthenticationError` for a MAC or signature that does not verify, and for a
+    key given with a checkpoint that is not encrypted (a stripped envelope must not pass).
     """
     if verify_key is not None:
         _check_signature(manifest, verify_key, name)
     if manifest.encryption is None:
+        if key is not None:  # fail closed: an encrypted manifest stripped of its envelope and MAC
+            raise AuthenticationError(
+                f"{name}: a key was given but the checkpoint is not encrypted "
+                "(refused: its encryption and MAC may have been removed)"
+            )
         return None
     if key is None:
         raise KeyRequiredError(f"{name} is encrypted: pass key= (or --key-file PATH, or set ASYNCLOAD_KEY)")
@@ -248,9 +254,10 @@ def rekey_manifest(
     name: str = "manifest",
 ) -> Manifest:
     """The same checkpoint with its data key re-wrapped under ``new_key``; no block changes."""
-    block_cipher = open_manifest(manifest, old_key, name=name)
-    if block_cipher is None or manifest.encryption is None:
+    if manifest.encryption is None:
         raise KeyRequiredError(f"{name} is not encrypted: there is no key to rotate")
+    block_cipher = open_manifest(manifest, old_key, name=name)
+    assert block_cipher is not None
     envelope = wrap_data_key(load_key(new_key), block_cipher._dek, manifest.id)
     out = dataclasses.replace(manifest, encryption={"scheme": ENCRYPTION_SCHEME, "key": envelope})
     return seal_manifest(out, block_cipher, sign_key)

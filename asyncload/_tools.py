@@ -27,13 +27,15 @@ if TYPE_CHECKING:
 __all__ = ["VerifyReport", "pack", "rekey", "unpack", "verify"]
 
 
-def _cipher_for(opened: Opened, key: Any | None, verify_key: Any | None) -> BlockCipher | None:
+async def _cipher_for(opened: Opened, key: Any | None, verify_key: Any | None) -> BlockCipher | None:
     """Check the manifest's signature and MAC (when asked or needed); the block cipher, if encrypted."""
     if key is None and verify_key is None and opened.manifest.encryption is None:
         return None
     from ._security import open_manifest
+    from .codecs._aead import aload_key
 
-    return open_manifest(opened.manifest, key, verify_key=verify_key, name=opened.origin)
+    user_key = None if key is None else await aload_key(key)
+    return open_manifest(opened.manifest, user_key, verify_key=verify_key, name=opened.origin)
 
 
 def _limits(budget: int | str, block_size: int, sources: int) -> Limits:
@@ -134,7 +136,7 @@ async def unpack(
     """
     opened = await open_input(manifest, block_size=DEFAULT_BLOCK_SIZE, sources=sources)
     man = opened.manifest
-    cipher = _cipher_for(opened, key, verify_key)
+    cipher = await _cipher_for(opened, key, verify_key)
     limits = _limits(budget, man.block_size, len(opened.sources))
     outp = Path(os.fspath(out))
     targets = _outputs(man.files, outp, os.fspath(out).endswith(os.sep))
@@ -222,11 +224,7 @@ async def verify(
     man = opened.manifest
     # Without the key, an encrypted store is checked by crc32c of what is stored; with it,
     # every block's GCM tag is checked too (and the manifest MAC before anything is read).
-    cipher = None
-    if key is not None or verify_key is not None:
-        from ._security import open_manifest
-
-        cipher = open_manifest(man, key, verify_key=verify_key, name=opened.origin)
+    cipher = await _cipher_for(opened, key, verify_key) if key is not None or verify_key is not None else None
     limits = _limits(budget, man.block_size, len(opened.sources))
     ring = await run_sync(Ring, limits.block_size + man.block_overhead, limits.slots)
     reader = BlockReader.for_sources(ring, opened.sources, limits, cipher=cipher, overhead=man.block_overhead)

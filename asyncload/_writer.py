@@ -29,7 +29,7 @@ from ._ring import Ring, Slot
 from ._scheduler import INLINE_BYTES, BlockReader, checksum, unwrap_group
 from ._threads import run_sync
 from .sources import LocalSource, Source
-from .sources._local import fsync_dir, write_file_atomic
+from .sources._local import fsync_dir, makedirs_private, write_file_atomic
 
 if TYPE_CHECKING:
     from ._security import BlockCipher
@@ -116,7 +116,7 @@ def _manifest_sources(sources: Sequence[str | os.PathLike[str]], manifest_dir: P
 
 
 def _write_manifest_sync(path: Path, data: bytes) -> None:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    makedirs_private(path.parent)
     write_file_atomic(path, data)
     fsync_dir(path.parent)
 
@@ -199,9 +199,9 @@ async def save_tensors(
     planned_header: bytes | None = None
     if key is not None:
         from ._security import new_cipher_for
-        from .codecs._aead import load_key
+        from .codecs._aead import aload_key
 
-        user_key = load_key(key)
+        user_key = await aload_key(key)
         items = await _materialize(tensors)
         tensors = items
         planned = [(name, *_as_bytes(name, arr)) for name, arr in items]
@@ -331,9 +331,10 @@ async def pack_opened(
     cipher = encryption = None
     if key is not None:
         from ._security import new_cipher_for
-        from .codecs._aead import load_key
+        from .codecs._aead import aload_key
 
-        cipher, encryption = new_cipher_for(load_key(key), ckpt_id, len(src_man.blocks), src_man.tensors)
+        user_key = await aload_key(key)
+        cipher, encryption = new_cipher_for(user_key, ckpt_id, len(src_man.blocks), src_man.tensors)
     ring = await run_sync(Ring, limits.block_size + (cipher.overhead if cipher else 0), limits.slots)
     writer = ScatterWriter(dest, ring, limits, ckpt_id, cipher)
     reader = BlockReader.for_sources(ring, opened.sources, limits, writer.threads)

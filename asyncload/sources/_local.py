@@ -79,9 +79,6 @@ class LocalSource(Source):
             raise BlockNotFoundError(f"source {self.id!r}: key {key!r} is not a safe relative path")
         return parts
 
-    def _path(self, key: str) -> Path:
-        return self.root.joinpath(*self._parts(key))
-
     def _missing(self, key: str) -> BlockNotFoundError:
         if not self.root.is_dir():
             return BlockNotFoundError(
