@@ -90,6 +90,11 @@ class Limits:
     block_size: int = DEFAULT_BLOCK_SIZE
     reads_per_source: int = DEFAULT_READS_PER_SOURCE
     threads: int = DEFAULT_THREADS
+    overhead: int = 0  # bytes a stored block carries beyond m (the GCM tag of an encrypted store)
+
+    @property
+    def slot_size(self) -> int:
+        return self.block_size + self.overhead
 
     def check(self, sources: int) -> None:
         """Raise :class:`BudgetError` unless the ring holds one slot per source."""
@@ -99,14 +104,15 @@ class Limits:
             raise BudgetError(f"threads must be >= 1, got {self.threads}")
         if self.reads_per_source < 1:
             raise BudgetError(f"reads_per_source must be >= 1, got {self.reads_per_source}")
-        need = sources * self.block_size
+        need = sources * self.slot_size
         if self.budget < need:
+            tag = f" + {self.overhead}-byte tag" if self.overhead else ""
             raise BudgetError(
                 f"budget S={self.budget} bytes ({format_size(self.budget)}) is smaller than "
-                f"k x m = {sources} sources x {self.block_size} bytes block size = {need} bytes "
+                f"k x m = {sources} sources x {self.block_size} bytes block size{tag} = {need} bytes "
                 f"({format_size(need)}); raise the budget or lower the block size"
             )
 
     @property
     def slots(self) -> int:
-        return self.budget // self.block_size
+        return self.budget // self.slot_size

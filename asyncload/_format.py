@@ -44,6 +44,10 @@ __all__ = [
 FORMAT_NAME = "asyncload.manifest"
 FORMAT_VERSION = 1
 ENCRYPTION_SCHEME = "aes-256-gcm-v1"
+_TOP_LEVEL = frozenset(
+    {"format", "version", "id", "block_size", "total_size", "files", "tensors", "sources", "blocks"}
+    | {"extra", "encryption", "mac", "signature"}
+)
 MAX_HEADER_SIZE = 100 * 1024 * 1024  # the limit safetensors itself enforces
 MAX_MANIFEST_SIZE = 1 << 30
 _MAX_DIMS = 64
@@ -366,6 +370,12 @@ def _key_ok(key: str) -> bool:
     )
 
 
+def _only(obj: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    extra = sorted(set(obj) - allowed)
+    if extra:
+        raise ManifestError(f"{where}: unknown fields {extra[:5]}")
+
+
 def _no_constant(c: str) -> Any:
     raise ValueError(f"{c} is not allowed")
 
@@ -381,6 +391,11 @@ def _parse_manifest(data: bytes | str, name: str) -> Manifest:
         raise ManifestError(f"{name}: must be a JSON object")
     if doc.get("format") != FORMAT_NAME:
         raise ManifestError(f"{name}: not an asyncload manifest (format={doc.get('format')!r})")
+    unknown = sorted(set(doc) - _TOP_LEVEL)
+    if unknown:  # a MAC or signature covers the parsed fields: nothing may ride along unchecked
+        raise ManifestError(
+            f"{name}: unknown fields {unknown[:5]} (readers of version {FORMAT_VERSION} refuse them)"
+        )
     version = _nonneg(doc, "version", name)
     if version != FORMAT_VERSION:
         raise ManifestError(
@@ -397,6 +412,7 @@ def _parse_manifest(data: bytes | str, name: str) -> Manifest:
         where = f"{name}: sources[{i}]"
         if not isinstance(s, dict):
             raise ManifestError(f"{where}: must be an object")
+        _only(s, {"id", "location"}, where)
         sources.append(SourceRef(_req(s, "id", str, where), _req(s, "location", str, where)))
     ids = {s.id for s in sources}
     if len(ids) != len(sources) or not sources:
@@ -408,6 +424,7 @@ def _parse_manifest(data: bytes | str, name: str) -> Manifest:
         where = f"{name}: blocks[{i}]"
         if not isinstance(b, dict):
             raise ManifestError(f"{where}: must be an object")
+        _only(b, {"source", "key", "offset", "length", "crc32c", "key_offset"}, where)
         src = _req(b, "source", str, where)
         if src not in ids:
             raise ManifestError(f"{where}: unknown source {src!r}")
@@ -439,6 +456,7 @@ def _parse_manifest(data: bytes | str, name: str) -> Manifest:
         where = f"{name}: files[{i}]"
         if not isinstance(f, dict):
             raise ManifestError(f"{where}: must be an object")
+        _only(f, {"path", "offset", "size", "kind"}, where)
         path = _req(f, "path", str, where)
         if not _key_ok(path):
             raise ManifestError(f"{where}: path {path!r} is not a safe relative path")
@@ -459,6 +477,7 @@ def _parse_manifest(data: bytes | str, name: str) -> Manifest:
         where = f"{name}: tensors[{i}]"
         if not isinstance(t, dict):
             raise ManifestError(f"{where}: must be an object")
+        _only(t, {"name", "dtype", "shape", "offsets"}, where)
         tname = _req(t, "name", str, where)
         if tname in seen:
             raise ManifestError(f"{where}: duplicate tensor name {tname!r}")

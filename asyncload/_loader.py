@@ -97,7 +97,7 @@ class Model:
         self.limits.check(len(self._sources))
         # Allocating and touching S bytes takes long enough to stall the event loop: use a thread.
         overhead = self.manifest.block_overhead
-        self._ring = await run_sync(Ring, self.limits.block_size + overhead, self.limits.slots)
+        self._ring = await run_sync(Ring, self.limits.slot_size, self.limits.slots)
         self._reader = BlockReader.for_sources(
             self._ring, self._sources, self.limits, cipher=self._cipher, overhead=overhead
         )
@@ -247,13 +247,16 @@ class _Opener:
             block_size=opened.manifest.block_size,
             reads_per_source=kw["reads_per_source"],
             threads=kw["threads"] or DEFAULT_THREADS,
+            overhead=opened.manifest.block_overhead,
         )
         cipher = None
         if kw["key"] is not None or kw["verify_key"] is not None or opened.manifest.encryption is not None:
             from ._security import open_manifest
             from .codecs._aead import aload_key
 
-            key = None if kw["key"] is None else await aload_key(kw["key"])
+            # Files read in place cannot be encrypted: a key (e.g. $ASYNCLOAD_KEY) is moot there.
+            given = kw["key"] if opened.kind == "manifest" else None
+            key = None if given is None else await aload_key(given)
             cipher = open_manifest(opened.manifest, key, verify_key=kw["verify_key"], name=opened.origin)
         return Model(opened, limits, cipher)
 

@@ -34,12 +34,14 @@ async def _cipher_for(opened: Opened, key: Any | None, verify_key: Any | None) -
     from ._security import open_manifest
     from .codecs._aead import aload_key
 
+    if opened.kind != "manifest":  # files read in place cannot be encrypted
+        key = None
     user_key = None if key is None else await aload_key(key)
     return open_manifest(opened.manifest, user_key, verify_key=verify_key, name=opened.origin)
 
 
-def _limits(budget: int | str, block_size: int, sources: int) -> Limits:
-    limits = Limits(parse_size(budget, what="budget"), block_size)
+def _limits(budget: int | str, block_size: int, sources: int, overhead: int = 0) -> Limits:
+    limits = Limits(parse_size(budget, what="budget"), block_size, overhead=overhead)
     limits.check(sources)
     return limits
 
@@ -137,14 +139,14 @@ async def unpack(
     opened = await open_input(manifest, block_size=DEFAULT_BLOCK_SIZE, sources=sources)
     man = opened.manifest
     cipher = await _cipher_for(opened, key, verify_key)
-    limits = _limits(budget, man.block_size, len(opened.sources))
+    limits = _limits(budget, man.block_size, len(opened.sources), man.block_overhead)
     outp = Path(os.fspath(out))
     targets = _outputs(man.files, outp, os.fspath(out).endswith(os.sep))
     for name, p in targets.items():
         await run_sync(_output_dir, outp, p, name)
     temps = {k: p.with_name(f".{p.name}.{secrets.token_hex(4)}.tmp") for k, p in targets.items()}
     fds = {k: os.open(t, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600) for k, t in temps.items()}
-    ring = await run_sync(Ring, limits.block_size + man.block_overhead, limits.slots)
+    ring = await run_sync(Ring, limits.slot_size, limits.slots)
     reader = BlockReader.for_sources(ring, opened.sources, limits, cipher=cipher)
     ok = False
 
@@ -225,8 +227,8 @@ async def verify(
     # Without the key, an encrypted store is checked by crc32c of what is stored; with it,
     # every block's GCM tag is checked too (and the manifest MAC before anything is read).
     cipher = await _cipher_for(opened, key, verify_key) if key is not None or verify_key is not None else None
-    limits = _limits(budget, man.block_size, len(opened.sources))
-    ring = await run_sync(Ring, limits.block_size + man.block_overhead, limits.slots)
+    limits = _limits(budget, man.block_size, len(opened.sources), man.block_overhead)
+    ring = await run_sync(Ring, limits.slot_size, limits.slots)
     reader = BlockReader.for_sources(ring, opened.sources, limits, cipher=cipher, overhead=man.block_overhead)
     bad: list[BadBlock] = []
     checked = 0

@@ -10,6 +10,7 @@ the blocks it names, which are never touched) loadable.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import uuid
 from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
@@ -211,7 +212,10 @@ async def save_tensors(
         total = len(planned_header) + data_total
         table = parse_header(planned_header, file_size=total, name="new checkpoint")
         cipher, encryption = new_cipher_for(user_key, ckpt_id, max(count, 1), table.tensors)
-    ring = await run_sync(Ring, m + (cipher.overhead if cipher else 0), limits.slots)
+    if cipher is not None:
+        limits = dataclasses.replace(limits, overhead=cipher.overhead)
+        limits.check(len(srcs))
+    ring = await run_sync(Ring, limits.slot_size, limits.slots)
     writer = ScatterWriter(srcs, ring, limits, ckpt_id, cipher)
     # Stream index of data block d: known up front when the header is; else fixed at the end.
     first_data = _header_blocks(len(planned_header), m) if planned_header is not None else _LATE
@@ -335,7 +339,10 @@ async def pack_opened(
 
         user_key = await aload_key(key)
         cipher, encryption = new_cipher_for(user_key, ckpt_id, len(src_man.blocks), src_man.tensors)
-    ring = await run_sync(Ring, limits.block_size + (cipher.overhead if cipher else 0), limits.slots)
+    if cipher is not None:
+        limits = dataclasses.replace(limits, overhead=cipher.overhead)
+        limits.check(len(dest))
+    ring = await run_sync(Ring, limits.slot_size, limits.slots)
     writer = ScatterWriter(dest, ring, limits, ckpt_id, cipher)
     reader = BlockReader.for_sources(ring, opened.sources, limits, writer.threads)
     placement = place_blocks(len(src_man.blocks), len(dest))

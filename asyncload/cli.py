@@ -244,6 +244,7 @@ async def cmd_info(a: argparse.Namespace) -> int:
 
     opened = await open_input(a.target, block_size=DEFAULT_BLOCK_SIZE, sources=_sources_arg(a.source))
     key = _key(a)
+    key = key if opened.kind == "manifest" else None
     if key is not None or a.verify_key is not None:  # check MAC / signature when asked
         from ._security import open_manifest
 

@@ -144,7 +144,9 @@ class JsonMutator:
     def walk(self, doc: Any) -> tuple[Any, Any, Any]:
         """A random node: (node, parent, key in parent); parent is None for the root."""
         node, parent, key = doc, None, None
-        while isinstance(node, dict | list) and node and (parent is None or self.rng.random() < 0.75):
+        while (
+            isinstance(node, dict | list) and node and self.rng.random() < (0.85 if parent is None else 0.75)
+        ):
             k = self.rng.choice(list(node)) if isinstance(node, dict) else self.rng.randrange(len(node))
             node, parent, key = node[k], node, k
         return node, parent, key
@@ -406,12 +408,15 @@ def seeds(target: str, fx: Path) -> list[bytes]:
             b"\x40" + empty,
             b"\xa0" + small,
         ]
+    doc = json.loads(manifests[0].read_bytes())
+    doc["extra"] = {"note": "x", "n": [1, 2.5, None, True]}  # the optional field no writer fills yet
+    with_extra = json.dumps(doc).encode()
     if target == "manifest":
-        return [p.read_bytes() for p in manifests]
+        return [p.read_bytes() for p in manifests] + [with_extra]
     if target == "hf_index":
         return [index, b'{"weight_map": {}}']
     if target == "e2e":
-        return [p.read_bytes() for p in st_files + manifests] + [small, empty]
+        return [p.read_bytes() for p in st_files + manifests] + [small, empty, with_extra]
     if target == "e2e_hf":
         return [index, json.dumps({"weight_map": {"embed": "model-00001-of-00002.safetensors"}}).encode()]
     raise SystemExit(f"unknown target {target!r}")
@@ -599,8 +604,11 @@ class E2EHfTarget(E2ETarget):
 
     def __init__(self, fx: Path) -> None:
         super().__init__(fx)
-        self.open_target = fx / "hf"
-        self.path = fx / "hf" / HF_INDEX
+        self.open_target = fx / "hf-fuzz"  # the shards, and an index the input replaces
+        self.open_target.mkdir(exist_ok=True)
+        for shard in (fx / "hf").glob("*.safetensors"):
+            shutil.copyfile(shard, self.open_target / shard.name)
+        self.path = self.open_target / HF_INDEX
 
     def after(self, data: bytes) -> None:
         pass
@@ -772,7 +780,7 @@ def child(args: argparse.Namespace) -> None:
     harness = Harness(target, Path(args.findings), Path(args.stats), args.deadline)
     codec = CODECS[args.child]
     for s in seeds(args.child, fx)[:3]:  # warm-up: imports, thread pools, first allocations
-        target.run(s)
+        harness.one(s)
     if args.engine == "atheris":
         import atheris
 

@@ -961,3 +961,58 @@ def test_cli_verify_with_and_without_key(tmp_path: Path) -> None:
         p = cli("verify", "m.json", *extra, cwd=tmp_path)
         assert p.returncode == 1, p
         assert "BAD block 1 " in p.stdout, p.stdout
+
+
+# --------------------------------------------------------------------------- budget, strict schema, env keys
+
+
+@pytest.mark.anyio
+async def test_encrypted_ring_counts_the_tag_against_the_budget(tmp_path: Path) -> None:
+    """Slots of an encrypted store are m + 16 bytes: S = k x m is too small, and slots never exceed S."""
+    key = os.urandom(32)
+    m = 4096
+    tensors = {f"t{i}": np.full(3000, i, dtype=np.float32) for i in range(8)}
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    with pytest.raises(asyncload.BudgetError, match=r"2 sources x 4096 bytes block size \+ 16-byte tag"):
+        await asyncload.save(tensors, tmp_path / "m.json", sources=dirs, block_size=m, budget=2 * m, key=key)
+    budget = 4 * (m + 16)
+    path = await asyncload.save(
+        tensors, tmp_path / "m.json", sources=dirs, block_size=m, budget=budget, key=key
+    )
+    with pytest.raises(asyncload.BudgetError, match="16-byte tag"):
+        async with asyncload.open(path, key=key, budget=2 * m):
+            pass
+    async with asyncload.open(path, key=key, budget=budget) as model:
+        async for _name, _arr in model.stream():
+            assert model.statistics().bytes_in_slots <= budget
+        assert model.statistics().peak_slots_in_use * (m + 16) <= budget
+
+
+def test_manifest_fields_outside_the_schema_are_refused() -> None:
+    """A MAC or signature covers the parsed fields, so nothing else may ride along."""
+    doc = {
+        "format": "asyncload.manifest", "version": 1, "id": "x", "block_size": 4096, "total_size": 1,
+        "files": [{"path": "m.safetensors", "offset": 0, "size": 1, "kind": "safetensors"}],
+        "tensors": [], "sources": [{"id": "s0", "location": "d"}],
+        "blocks": [{"source": "s0", "key": "k", "offset": 0, "length": 1, "crc32c": "00000000"}],
+    }  # fmt: skip
+    asyncload.Manifest.from_json(json.dumps(doc))
+    for where in (doc, doc["files"][0], doc["sources"][0], doc["blocks"][0]):
+        where["smuggled"] = 1
+        with pytest.raises(asyncload.ManifestError, match="unknown fields"):
+            asyncload.Manifest.from_json(json.dumps(doc))
+        del where["smuggled"]
+
+
+@pytest.mark.anyio
+async def test_a_key_for_a_plain_manifest_is_refused_but_ignored_for_files_read_in_place(
+    tmp_path: Path,
+) -> None:
+    key = os.urandom(32)
+    tensors = {"w": np.arange(1000, dtype=np.float32)}
+    plain = await asyncload.save(tensors, tmp_path / "m.json", sources=[tmp_path / "d"], block_size=4096)
+    with pytest.raises(asyncload.AuthenticationError, match="not encrypted"):
+        await asyncload.load(plain, key=key)
+    save_file(tensors, str(tmp_path / "w.safetensors"))
+    got = await asyncload.load(tmp_path / "w.safetensors", key=key)  # a safetensors file cannot be encrypted
+    assert got["w"].tobytes() == tensors["w"].tobytes()
