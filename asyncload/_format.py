@@ -98,6 +98,8 @@ class BlockRef:
     ``key_offset`` is where the block starts inside the stored object (0 for
     packed blocks; the file offset when a plain safetensors file is read in place).
     ``crc32c`` is None only for blocks read in place from files that carry no checksum.
+    ``sha256`` (hex, of the stored bytes) is recorded when the manifest is signed:
+    a crc32c can be forged, a SHA-256 under a signature cannot.
     """
 
     index: int
@@ -107,6 +109,7 @@ class BlockRef:
     length: int
     crc32c: int | None
     key_offset: int = 0
+    sha256: str | None = None
 
     @property
     def end(self) -> int:
@@ -217,6 +220,8 @@ def _block_json(b: BlockRef) -> dict[str, Any]:
     }
     if b.key_offset:
         out["key_offset"] = b.key_offset
+    if b.sha256 is not None:
+        out["sha256"] = b.sha256
     return out
 
 
@@ -424,7 +429,7 @@ def _parse_manifest(data: bytes | str, name: str) -> Manifest:
         where = f"{name}: blocks[{i}]"
         if not isinstance(b, dict):
             raise ManifestError(f"{where}: must be an object")
-        _only(b, {"source", "key", "offset", "length", "crc32c", "key_offset"}, where)
+        _only(b, {"source", "key", "offset", "length", "crc32c", "key_offset", "sha256"}, where)
         src = _req(b, "source", str, where)
         if src not in ids:
             raise ManifestError(f"{where}: unknown source {src!r}")
@@ -445,7 +450,10 @@ def _parse_manifest(data: bytes | str, name: str) -> Manifest:
         else:
             raise ManifestError(f"{where}: crc32c {crc_raw!r} must be 8 hex digits")
         key_off = _nonneg(b, "key_offset", where) if "key_offset" in b else 0
-        blocks.append(BlockRef(i, src, key, off, length, crc, key_off))
+        sha = b.get("sha256")
+        if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+            raise ManifestError(f"{where}: sha256 must be 64 lowercase hex digits")
+        blocks.append(BlockRef(i, src, key, off, length, crc, key_off, sha))
         pos += length
     if pos != total:
         raise ManifestError(f"{name}: blocks cover {pos} bytes but total_size is {total}")

@@ -65,8 +65,11 @@ class Model:
     ``budget`` bytes, allocated at open and reused by every read.
     """
 
-    def __init__(self, opened: Opened, limits: Limits, cipher: BlockCipher | None = None) -> None:
+    def __init__(
+        self, opened: Opened, limits: Limits, cipher: BlockCipher | None = None, verify_hashes: bool = False
+    ) -> None:
         self._cipher = cipher
+        self._verify_hashes = verify_hashes
         self._opened = opened
         self.manifest: Manifest = opened.manifest
         self.limits = limits
@@ -99,7 +102,12 @@ class Model:
         overhead = self.manifest.block_overhead
         self._ring = await run_sync(Ring, self.limits.slot_size, self.limits.slots)
         self._reader = BlockReader.for_sources(
-            self._ring, self._sources, self.limits, cipher=self._cipher, overhead=overhead
+            self._ring,
+            self._sources,
+            self.limits,
+            cipher=self._cipher,
+            overhead=overhead,
+            verify_hashes=self._verify_hashes,
         )
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
@@ -258,7 +266,7 @@ class _Opener:
             given = kw["key"] if opened.kind == "manifest" else None
             key = None if given is None else await aload_key(given)
             cipher = open_manifest(opened.manifest, key, verify_key=kw["verify_key"], name=opened.origin)
-        return Model(opened, limits, cipher)
+        return Model(opened, limits, cipher, verify_hashes=kw["verify_key"] is not None)
 
     async def __aenter__(self) -> Model:
         self._model = await self._open()
@@ -348,11 +356,13 @@ async def save(
     manifest is written last, atomically: an interrupted save leaves the
     previous manifest at ``path`` loadable. Returns the manifest path.
 
-    ``key`` (32 bytes, 64 hex characters or a key file path) encrypts every block
+    ``key`` (32 raw bytes, 64 hex characters, a ``Path`` to a key file, or a
+    sync/async callable returning one) encrypts every block
     with AES-256-GCM under a fresh data key wrapped by ``key``, and MACs the
     manifest; an iterable input is then collected first (see docs/encryption.md).
     ``sign_key`` (Ed25519 private key: PEM, 32 raw bytes, 64 hex, or a file)
-    signs the manifest.
+    signs the manifest, which then records a SHA-256 of every block (a loader
+    given ``verify_key`` checks each one).
     """
     m = parse_size(block_size, what="block_size")
     if m < MIN_BLOCK_SIZE:

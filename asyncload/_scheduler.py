@@ -12,6 +12,7 @@ reader's bookkeeping).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -20,7 +21,7 @@ import anyio
 import crc32c as _crc32c
 
 from ._config import Limits
-from ._exceptions import ChecksumError, DecryptionError, TruncatedBlockError
+from ._exceptions import AuthenticationError, ChecksumError, DecryptionError, TruncatedBlockError
 from ._format import BlockRef
 from ._ring import Ring, Slot
 from ._threads import run_sync
@@ -33,6 +34,11 @@ __all__ = ["BlockReader", "ReaderStatistics", "crc32c_of", "unwrap_group"]
 
 # Below this, hashing or copying on the event loop costs less than a thread hop.
 INLINE_BYTES = 64 * 1024
+
+
+def sha256_hex(data: memoryview) -> str:
+    """SHA-256 of ``data`` (hashlib releases the GIL for large buffers)."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def crc32c_of(data: memoryview) -> int:
@@ -65,7 +71,9 @@ class BlockReader:
         threads: anyio.CapacityLimiter | None = None,
         cipher: BlockCipher | None = None,
         overhead: int = 0,
+        verify_hashes: bool = False,
     ) -> None:
+        self.verify_hashes = verify_hashes  # a signed manifest: check every block's SHA-256
         self.ring = ring
         self.sources = sources
         self.limiters = limiters
@@ -90,12 +98,12 @@ class BlockReader:
         threads: anyio.CapacityLimiter | None = None,
         cipher: BlockCipher | None = None,
         overhead: int = 0,
+        verify_hashes: bool = False,
     ) -> BlockReader:
         """A reader with one limiter per source and one worker-thread limiter, from ``limits``."""
         limiters = {k: anyio.CapacityLimiter(limits.reads_per_source) for k in sources}
-        return cls(
-            ring, sources, limiters, threads or anyio.CapacityLimiter(limits.threads), cipher, overhead
-        )
+        threads = threads or anyio.CapacityLimiter(limits.threads)
+        return cls(ring, sources, limiters, threads, cipher, overhead, verify_hashes)
 
     def statistics(self) -> ReaderStatistics:
         return ReaderStatistics(
@@ -129,6 +137,14 @@ class BlockReader:
                     f"block {block.index} ({block.key!r} on source {block.source!r}) is corrupt: "
                     f"crc32c {got:08x}, manifest says {block.crc32c:08x}"
                 )
+        if self.verify_hashes:
+            where = f"block {block.index} ({block.key!r} on source {block.source!r})"
+            if block.sha256 is None:
+                raise AuthenticationError(
+                    f"{where} carries no sha256: its signature does not cover its bytes"
+                )
+            if await run_sync(sha256_hex, buf, limiter=self.threads) != block.sha256:
+                raise AuthenticationError(f"{where}: SHA-256 differs from the signed manifest (altered)")
         if self.cipher is None:
             slot.used = block.length if self.overhead == 0 else stored
         else:

@@ -180,6 +180,11 @@ def seal_manifest(
     if block_cipher is not None:
         out = dataclasses.replace(out, mac=block_cipher.mac(out))
     if sign_key is not None:
+        if any(b.sha256 is None for b in out.blocks):
+            raise AuthenticationError(
+                "cannot sign a manifest whose blocks carry no sha256: a signature over crc32c values "
+                "would not protect the bytes (save or pack with sign_key to record them)"
+            )
         sk = load_sign_key(sign_key)
         sig = sk.sign(out.canonical_bytes(without=("signature",)))
         out = dataclasses.replace(

@@ -147,7 +147,9 @@ async def unpack(
     temps = {k: p.with_name(f".{p.name}.{secrets.token_hex(4)}.tmp") for k, p in targets.items()}
     fds = {k: os.open(t, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600) for k, t in temps.items()}
     ring = await run_sync(Ring, limits.slot_size, limits.slots)
-    reader = BlockReader.for_sources(ring, opened.sources, limits, cipher=cipher)
+    reader = BlockReader.for_sources(
+        ring, opened.sources, limits, cipher=cipher, verify_hashes=verify_key is not None
+    )
     ok = False
 
     def write_block(block: BlockRef, data: memoryview) -> None:
@@ -229,7 +231,14 @@ async def verify(
     cipher = await _cipher_for(opened, key, verify_key) if key is not None or verify_key is not None else None
     limits = _limits(budget, man.block_size, len(opened.sources), man.block_overhead)
     ring = await run_sync(Ring, limits.slot_size, limits.slots)
-    reader = BlockReader.for_sources(ring, opened.sources, limits, cipher=cipher, overhead=man.block_overhead)
+    reader = BlockReader.for_sources(
+        ring,
+        opened.sources,
+        limits,
+        cipher=cipher,
+        overhead=man.block_overhead,
+        verify_hashes=verify_key is not None,
+    )
     bad: list[BadBlock] = []
     checked = 0
 
@@ -271,5 +280,8 @@ async def rekey(
     opened = await open_input(manifest, block_size=DEFAULT_BLOCK_SIZE)
     if opened.kind != "manifest":
         raise FormatError(f"{manifest}: rekey needs an asyncload manifest")
-    new = rekey_manifest(opened.manifest, old_key, new_key, sign_key=sign_key, name=opened.origin)
+    from .codecs._aead import aload_key
+
+    old, new_user_key = await aload_key(old_key), await aload_key(new_key)
+    new = rekey_manifest(opened.manifest, old, new_user_key, sign_key=sign_key, name=opened.origin)
     return os.fspath(await commit_manifest(manifest, new))

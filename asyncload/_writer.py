@@ -27,7 +27,7 @@ from ._format import BlockRef, FileEntry, Manifest, SourceRef, build_header, par
 from ._inputs import Opened
 from ._plan import place_blocks
 from ._ring import Ring, Slot
-from ._scheduler import INLINE_BYTES, BlockReader, checksum, unwrap_group
+from ._scheduler import INLINE_BYTES, BlockReader, checksum, sha256_hex, unwrap_group
 from ._threads import run_sync
 from .sources import LocalSource, Source
 from .sources._local import fsync_dir, makedirs_private, write_file_atomic
@@ -56,9 +56,11 @@ class ScatterWriter:
         limits: Limits,
         ckpt_id: str,
         cipher: BlockCipher | None = None,
+        hash_blocks: bool = False,
     ) -> None:
         self.sources = list(sources)
         self.cipher = cipher
+        self.hash_blocks = hash_blocks  # SHA-256 per block, for a manifest that will be signed
         self.ring = ring
         self.limiters = {s.id: anyio.CapacityLimiter(limits.reads_per_source) for s in self.sources}
         self.ckpt_id = ckpt_id
@@ -80,7 +82,8 @@ class ScatterWriter:
             crc = await checksum(data, self.threads)  # over what is stored: repair needs no key
             async with self.limiters[src.id]:
                 await src.write(key, data)
-            self.blocks[tag] = BlockRef(tag, src.id, key, offset, length, crc)
+            sha = await run_sync(sha256_hex, data, limiter=self.threads) if self.hash_blocks else None
+            self.blocks[tag] = BlockRef(tag, src.id, key, offset, length, crc, sha256=sha)
             self.bytes_written += stored
             if progress is not None:
                 progress(length)
@@ -216,7 +219,7 @@ async def save_tensors(
         limits = dataclasses.replace(limits, overhead=cipher.overhead)
         limits.check(len(srcs))
     ring = await run_sync(Ring, limits.slot_size, limits.slots)
-    writer = ScatterWriter(srcs, ring, limits, ckpt_id, cipher)
+    writer = ScatterWriter(srcs, ring, limits, ckpt_id, cipher, hash_blocks=sign_key is not None)
     # Stream index of data block d: known up front when the header is; else fixed at the end.
     first_data = _header_blocks(len(planned_header), m) if planned_header is not None else _LATE
     entries: list[tuple[str, str, tuple[int, ...], int]] = []
@@ -280,7 +283,7 @@ async def save_tensors(
     for tag in sorted(writer.blocks):  # header blocks (tags 0..) sort before data blocks
         b = writer.blocks[tag]
         off = b.offset if tag < n_head else hsize + b.offset
-        blocks.append(BlockRef(len(blocks), b.source, b.key, off, b.length, b.crc32c))
+        blocks.append(dataclasses.replace(b, index=len(blocks), offset=off))
         if cipher is not None and tag != len(blocks) - 1:
             raise AssertionError(f"block {tag} was sealed for the wrong position {len(blocks) - 1}")
     total = hsize + data_pos
@@ -343,7 +346,7 @@ async def pack_opened(
         limits = dataclasses.replace(limits, overhead=cipher.overhead)
         limits.check(len(dest))
     ring = await run_sync(Ring, limits.slot_size, limits.slots)
-    writer = ScatterWriter(dest, ring, limits, ckpt_id, cipher)
+    writer = ScatterWriter(dest, ring, limits, ckpt_id, cipher, hash_blocks=sign_key is not None)
     reader = BlockReader.for_sources(ring, opened.sources, limits, writer.threads)
     placement = place_blocks(len(src_man.blocks), len(dest))
     try:

@@ -70,7 +70,9 @@ RESULTS = HERE / "results"
 FINDINGS = RESULTS / "fuzz-findings"
 CORPUS = RESULTS / "fuzz-corpus"
 FIXTURE = RESULTS / "fuzz-fixture"
-TARGETS = ("header", "manifest", "hf_index", "e2e", "e2e_hf")
+TARGETS = ("header", "manifest", "hf_index", "e2e", "e2e_hf", "e2e_enc")
+KEY = bytes(range(32))  # the fixture's encryption key and (raw Ed25519) signing key
+SIGN_KEY = bytes(range(32, 64))
 HANG_S = 5.0  # an input may take this long (e2e: anyio.fail_after)
 KILL_S = 10  # libFuzzer -timeout / watchdog: stuck where fail_after cannot reach
 E2E_BUDGET = 256 * 1024
@@ -142,7 +144,25 @@ class JsonMutator:
         return r.choice(FIELDS)
 
     def walk(self, doc: Any) -> tuple[Any, Any, Any]:
-        """A random node: (node, parent, key in parent); parent is None for the root."""
+        """A random node: (node, parent, key in parent); parent is None for the root.
+
+        Half the time by field name (each name present equally likely, then one of its
+        places), so that rare fields (id, extra, mac, an envelope's nonce) get as many
+        mutations as the fields of the many blocks and tensors; otherwise a random descent.
+        """
+        if self.rng.random() < 0.5:
+            by_name: dict[str, list[tuple[Any, Any, Any]]] = {}
+            stack = [doc]
+            while stack:
+                obj = stack.pop()
+                items = (
+                    obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+                )
+                for k, v in items:
+                    by_name.setdefault(k if isinstance(k, str) else "[]", []).append((v, obj, k))
+                    stack.append(v)
+            if by_name:
+                return self.rng.choice(by_name[self.rng.choice(sorted(by_name))])
         node, parent, key = doc, None, None
         while (
             isinstance(node, dict | list) and node and self.rng.random() < (0.85 if parent is None else 0.75)
@@ -317,6 +337,7 @@ CODECS: dict[str, Any] = {
     "hf_index": JsonCodec(),
     "e2e": E2ECodec(),
     "e2e_hf": JsonCodec(),
+    "e2e_enc": JsonCodec(),
 }
 
 
@@ -352,8 +373,12 @@ def _seed_tensors() -> dict[str, Any]:
 
 
 def build_fixture(fx: Path) -> None:
-    """Real inputs, written by safetensors and asyncload themselves (kept between runs)."""
-    if (fx / ".complete").exists():
+    """Real inputs, written by safetensors and asyncload themselves (rebuilt when asyncload changes)."""
+    digest = hashlib.sha1()
+    for src in sorted((ROOT / "asyncload").rglob("*.py")):
+        digest.update(src.read_bytes())
+    stamp = fx / ".complete"
+    if stamp.exists() and stamp.read_text() == digest.hexdigest():
         return
     import anyio
     import numpy as np
@@ -386,12 +411,18 @@ def build_fixture(fx: Path) -> None:
             fx / "model.safetensors", [rel("p0"), rel("p1")], fx / "packed.asyncload.json", **kw
         )
         await asyncload.pack(fx / "hf", [rel("h0")], fx / "hf.asyncload.json", **kw)
+        enc = {"sources": [rel("e0"), rel("e1")], "key": KEY, **kw}
+        await asyncload.save(tensors, fx / "enc.asyncload.json", **enc)
+        await asyncload.save(tensors, fx / "signed.asyncload.json", sign_key=SIGN_KEY, **enc)
+        for target in ("enc.asyncload.json", "signed.asyncload.json"):
+            got = await asyncload.load(fx / target, budget=E2E_BUDGET, key=KEY)
+            assert all(np.array_equal(got[n], tensors[n]) for n in tensors), target
         for target in ("saved.asyncload.json", "packed.asyncload.json", "hf.asyncload.json", "hf"):
             got = await asyncload.load(fx / target, budget=E2E_BUDGET)
             assert all(np.array_equal(got[n], tensors[n]) for n in tensors), target
 
     anyio.run(write)
-    (fx / ".complete").write_text("")
+    stamp.write_text(digest.hexdigest())
 
 
 def seeds(target: str, fx: Path) -> list[bytes]:
@@ -399,6 +430,7 @@ def seeds(target: str, fx: Path) -> list[bytes]:
 
     st_files = [fx / "model.safetensors", *sorted((fx / "hf").glob("*.safetensors"))]
     manifests = [fx / "saved.asyncload.json", fx / "packed.asyncload.json", fx / "hf.asyncload.json"]
+    encrypted = [(fx / "enc.asyncload.json").read_bytes(), (fx / "signed.asyncload.json").read_bytes()]
     index = (fx / "hf" / HF_INDEX).read_bytes()
     small = build_header([("a", "F32", (2, 2), 16), ("z", "U8", (0,), 0)], {"k": "v"}) + bytes(16)
     empty = build_header([])
@@ -412,11 +444,13 @@ def seeds(target: str, fx: Path) -> list[bytes]:
     doc["extra"] = {"note": "x", "n": [1, 2.5, None, True]}  # the optional field no writer fills yet
     with_extra = json.dumps(doc).encode()
     if target == "manifest":
-        return [p.read_bytes() for p in manifests] + [with_extra]
+        return [p.read_bytes() for p in manifests] + [with_extra, *encrypted]
     if target == "hf_index":
         return [index, b'{"weight_map": {}}']
     if target == "e2e":
         return [p.read_bytes() for p in st_files + manifests] + [small, empty, with_extra]
+    if target == "e2e_enc":
+        return [*encrypted, manifests[0].read_bytes()]
     if target == "e2e_hf":
         return [index, json.dumps({"weight_map": {"embed": "model-00001-of-00002.safetensors"}}).encode()]
     raise SystemExit(f"unknown target {target!r}")
@@ -551,9 +585,12 @@ class E2ETarget(Target):
     def write(self, data: bytes) -> None:
         self.path.write_bytes(data)
 
-    async def _load(self) -> tuple[dict[str, Any], dict[str, Any]]:
+    def keys(self, data: bytes) -> dict[str, Any]:
+        return {}
+
+    async def _load(self, keys: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         with self.anyio.fail_after(HANG_S):
-            async with self.al.open(self.open_target, budget=self.budget) as model:
+            async with self.al.open(self.open_target, budget=self.budget, **keys) as model:
                 infos = dict(model.tensors)
                 return infos, await model.load()
 
@@ -561,10 +598,15 @@ class E2ETarget(Target):
         self.result = self.error = None
         self.write(data)
         try:
-            self.result = self.anyio.run(self._load, backend="asyncio")
+            self.result = self.anyio.run(self._load, self.keys(data), backend="asyncio")
         except (self.al.AsyncloadError, KeyError) as e:
             self.error = e
             return "rejected"
+        except BaseExceptionGroup as eg:  # documented (README "Errors"): faults of different kinds
+            if all(isinstance(x, self.al.AsyncloadError) for x in _leaves(eg)):
+                self.error = eg
+                return "rejected-group"
+            raise
         except TimeoutError as e:
             raise Violation("hang", "fail_after", f"open()+load() still running after {HANG_S} s") from e
         infos, arrays = self.result
@@ -614,12 +656,34 @@ class E2EHfTarget(E2ETarget):
         pass
 
 
+class E2EEncTarget(E2ETarget):
+    """A manifest opened with the fixture's key; with its verify key when the input length is odd."""
+
+    name = "e2e_enc"
+
+    def __init__(self, fx: Path) -> None:
+        super().__init__(fx)
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        public = Ed25519PrivateKey.from_private_bytes(SIGN_KEY).public_key()
+        self.verify_key = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        self.path = self.open_target = fx / "fuzz-enc.json"
+
+    def keys(self, data: bytes) -> dict[str, Any]:
+        return {"key": KEY, "verify_key": self.verify_key if len(data) % 2 else None}
+
+    def after(self, data: bytes) -> None:
+        pass
+
+
 TARGET_CLASSES: dict[str, type[Target]] = {
     "header": HeaderTarget,
     "manifest": ManifestTarget,
     "hf_index": HfIndexTarget,
     "e2e": E2ETarget,
     "e2e_hf": E2EHfTarget,
+    "e2e_enc": E2EEncTarget,
 }
 
 # --------------------------------------------------------------------------- harness
@@ -656,17 +720,16 @@ class RssMeter:
         return self._field(b"VmHWM:")
 
 
+def _leaves(e: BaseException) -> list[BaseException]:
+    if isinstance(e, BaseExceptionGroup):
+        return [x for sub in e.exceptions for x in _leaves(sub)]
+    return [e]
+
+
 def signature(e: BaseException) -> str:
     if isinstance(e, BaseExceptionGroup):
-        leaves: list[str] = []
-        stack: list[BaseException] = [e]
-        while stack:
-            x = stack.pop()
-            if isinstance(x, BaseExceptionGroup):
-                stack.extend(x.exceptions)
-            else:
-                leaves.append(type(x).__name__)
-        return f"{type(e).__name__}[{','.join(sorted(set(leaves)))}]"
+        names = sorted({type(x).__name__ for x in _leaves(e)})
+        return f"{type(e).__name__}[{','.join(names)}]"
     frames = traceback.extract_tb(e.__traceback__)
     ours = [f for f in frames if "asyncload" in Path(f.filename).parts] or frames
     where = f"{Path(ours[-1].filename).name}:{ours[-1].lineno}:{ours[-1].name}" if ours else "?"
@@ -985,7 +1048,7 @@ def main(argv: list[str] | None = None) -> int:
         return reproduce(targets[0], args.reproduce)
     engine = engine_available() if args.engine == "auto" else args.engine
     build_fixture(FIXTURE)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
     work = RESULTS / f"fuzz-work-{stamp}"
     work.mkdir(parents=True)
     FINDINGS.mkdir(parents=True, exist_ok=True)

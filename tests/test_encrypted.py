@@ -1016,3 +1016,52 @@ async def test_a_key_for_a_plain_manifest_is_refused_but_ignored_for_files_read_
     save_file(tensors, str(tmp_path / "w.safetensors"))
     got = await asyncload.load(tmp_path / "w.safetensors", key=key)  # a safetensors file cannot be encrypted
     assert got["w"].tobytes() == tensors["w"].tobytes()
+
+
+def _forge_same_crc(data: bytes) -> bytes:
+    """``data`` changed in a few bits of its first 5 bytes, with the same crc32c (CRC is affine)."""
+    base = crc32c.crc32c(data)
+    rows: list[tuple[int, int]] = []  # (crc difference, bit set of flipped positions)
+    for bit in range(33):  # 33 vectors in a 32-dimensional space: some XOR to zero
+        flipped = bytearray(data)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        diff, combo = crc32c.crc32c(bytes(flipped)) ^ base, 1 << bit
+        for r_diff, r_combo in rows:  # Gaussian elimination over GF(2), pivot = highest bit
+            if diff ^ r_diff < diff:
+                diff, combo = diff ^ r_diff, combo ^ r_combo
+        if diff == 0:
+            out = bytearray(data)
+            for b in range(33):
+                if combo >> b & 1:
+                    out[b // 8] ^= 1 << (b % 8)
+            assert bytes(out) != data and crc32c.crc32c(bytes(out)) == base
+            return bytes(out)
+        rows.append((diff, combo))
+    raise AssertionError("unreachable: 33 vectors in GF(2)^32 are dependent")
+
+
+@pytest.mark.anyio
+async def test_a_signed_plain_checkpoint_protects_block_bytes_not_just_crcs(tmp_path: Path) -> None:
+    """crc32c can be forged; a signed manifest records a SHA-256 per block and a verify key checks it."""
+    sk = Ed25519PrivateKey.generate()
+    tensors = {f"t{i}": np.full(2048, i, dtype=np.float32) for i in range(4)}
+    path = Path(
+        await asyncload.save(
+            tensors, tmp_path / "m.json", sources=[tmp_path / "d"], block_size=4096, sign_key=sk
+        )
+    )
+    man = read_manifest(path)
+    assert all(b.sha256 is not None for b in man.blocks)
+    victim = data_blocks(man)[1]
+    f = block_path(path, victim)
+    f.write_bytes(_forge_same_crc(f.read_bytes()))
+    # Without a verify key the crc32c still matches: the forgery passes the integrity check ...
+    got = await asyncload.load(path)
+    assert any(got[n].tobytes() != tensors[n].tobytes() for n in tensors)
+    # ... with it, the signed SHA-256 refuses the block and no altered tensor comes back.
+    with pytest.raises(asyncload.AuthenticationError, match="SHA-256 differs"):
+        await asyncload.load(path, verify_key=sk.public_key())
+    # Signing a manifest whose blocks have no SHA-256 (e.g. rekey --sign-key of an unsigned store) is refused.
+    plain = read_manifest(Path(await asyncload.save(tensors, tmp_path / "p.json", sources=[tmp_path / "e"])))
+    with pytest.raises(asyncload.AuthenticationError, match="no sha256"):
+        seal_manifest(plain, None, sk)
