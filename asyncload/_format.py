@@ -51,6 +51,7 @@ _TOP_LEVEL = frozenset(
 MAX_HEADER_SIZE = 100 * 1024 * 1024  # the limit safetensors itself enforces
 MAX_MANIFEST_SIZE = 1 << 30
 _MAX_DIMS = 64
+_MAX_ELEMENTS = 1 << 60  # numpy refuses elements (zero dims aside) x itemsize (<= 8) >= 2**63
 _HEX8 = re.compile(r"[0-9a-fA-F]{8}")  # int(x, 16) alone accepts " 1_2", "-1234567"
 
 
@@ -248,6 +249,8 @@ def _check_shape(raw: Any, where: str, exc: type[Exception]) -> tuple[int, ...]:
     for d in raw:
         if type(d) is not int or d < 0:
             raise exc(f"{where}: shape entries must be non-negative integers, got {d!r}")
+    if math.prod(d for d in raw if d) >= _MAX_ELEMENTS:  # e.g. [0, 2**70]: 0 bytes, but no array
+        raise exc(f"{where}: shape has more elements than an array can hold")
     return tuple(raw)
 
 
@@ -385,11 +388,26 @@ def _no_constant(c: str) -> Any:
     raise ValueError(f"{c} is not allowed")
 
 
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\\ud800" in the JSON)
+        return False
+    return True
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses as inf
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
 def _parse_manifest(data: bytes | str, name: str) -> Manifest:
     if len(data) > MAX_MANIFEST_SIZE:
         raise ManifestError(f"{name}: {len(data)} bytes is larger than any manifest asyncload writes")
-    try:  # NaN/Infinity would parse here but make to_json() fail: refuse them
-        doc = json.loads(data, parse_constant=_no_constant)
+    try:  # NaN/Infinity (or 1e400) would parse here but make to_json() fail: refuse them
+        doc = json.loads(data, parse_constant=_no_constant, parse_float=_finite)
     except (ValueError, RecursionError) as e:  # incl. the int digit limit
         raise ManifestError(f"{name}: not valid JSON ({e})") from None
     if not isinstance(doc, dict):
@@ -407,6 +425,8 @@ def _parse_manifest(data: bytes | str, name: str) -> Manifest:
             f"{name}: manifest version {version} is not supported (this reader knows {FORMAT_VERSION})"
         )
     mid = _req(doc, "id", str, name)
+    if not mid.isascii() and not _encodes(mid):  # the id is bound into encrypted blocks as UTF-8
+        raise ManifestError(f"{name}: id {mid!r} is not valid Unicode")
     block_size = _nonneg(doc, "block_size", name)
     total = _nonneg(doc, "total_size", name)
     if block_size < 1:

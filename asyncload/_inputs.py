@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
-from ._exceptions import BlockNotFoundError, FormatError, HeaderError, ManifestError
+from ._exceptions import BlockNotFoundError, FormatError, HeaderError, ManifestError, SourceUnavailableError
 from ._format import (
     MAX_MANIFEST_SIZE,
     BlockRef,
@@ -49,13 +49,18 @@ class Opened:
 
 def _read_header_sync(path: Path) -> tuple[int, bytes]:
     try:
-        with path.open("rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            prefix = f.read(8)
-            n = parse_header_length(prefix, file_size=size, name=str(path))
-            return size, prefix + f.read(n)
+        f = path.open("rb")
     except FileNotFoundError:
         raise BlockNotFoundError(f"safetensors file {str(path)!r} not found") from None
+    except OSError as e:  # a directory, no permission, a name too long (shard names come from the index)
+        raise SourceUnavailableError(f"cannot open safetensors file {str(path)!r}: {e.strerror}") from None
+    except ValueError:  # a NUL byte or a lone surrogate in a shard name
+        raise HeaderError(f"{str(path)!r} is not a valid file name") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        prefix = f.read(8)
+        n = parse_header_length(prefix, file_size=size, name=str(path))
+        return size, prefix + f.read(n)
 
 
 def _in_place(files: list[tuple[Path, str, str]], block_size: int) -> Manifest:
@@ -154,7 +159,7 @@ def _open_sync(target: Path, block_size: int) -> tuple[Manifest, Path, str]:
 
 def resolve_location(location: str, base: Path) -> Path:
     """A source location from a manifest: absolute as is, relative against the manifest's directory."""
-    p = Path(location).expanduser()
+    p = Path(os.path.expanduser(location))  # "~nosuchuser" stays as is (Path.expanduser raises)
     return p if p.is_absolute() else base / p
 
 

@@ -106,6 +106,7 @@ INTERESTING_STRS = [
     "-1234567", "0x123456", "1_234567", "fuzz.in", HF_INDEX, "model.safetensors", "\ud800", "é",
     "x" * 300, "h000", "d000000", "000000",
 ]  # fmt: skip
+ODD_CHARS = ["\x00", "\ud800", "\udcff", "/", "\\", "..", "~", "\n", "é", "\U0001f600"]
 FIELDS = [
     "format", "version", "id", "block_size", "total_size", "files", "tensors", "sources", "blocks",
     "path", "offset", "size", "kind", "name", "dtype", "shape", "offsets", "location", "source",
@@ -187,7 +188,8 @@ class JsonMutator:
             ops2: list[Callable[[str], Any]] = [
                 lambda s: r.choice(INTERESTING_STRS), lambda s: s + r.choice(["/", "..", "x", "\x00", "/.."]),
                 lambda s: s[:-1], lambda s: s.upper(), lambda s: s.lower(), lambda s: "../" + s,
-                lambda s: "/" + s, lambda s: s * 2, lambda s: s.replace("0", "1", 1),
+                lambda s: "/" + s, lambda s: s * 2, lambda s: s.replace("0", "1", 1), lambda s: "~" + s,
+                lambda s: s[: (i := r.randrange(len(s) + 1))] + r.choice(ODD_CHARS) + s[i:],
             ]  # fmt: skip
             return r.choice(ops2)(v)
         if isinstance(v, list):
@@ -475,6 +477,7 @@ def _check_named(e: BaseException) -> None:
 class Target:
     budget = 0
     name = ""
+    error: BaseException | None = None
 
     def run(self, data: bytes) -> str:  # "ok" | "rejected"
         raise NotImplementedError
@@ -500,6 +503,7 @@ class HeaderTarget(Target):
         try:
             hdr = self.parse(body, file_size=file_size, name=NAME)
         except self.err as e:
+            self.error = e
             _check_named(e)
             return "rejected"
         end = hdr.header_size + hdr.data_size
@@ -530,6 +534,7 @@ class ManifestTarget(Target):
         try:
             m = self.m.from_json(data, name=NAME)
         except self.err as e:
+            self.error = e
             _check_named(e)
             return "rejected"
         again = self.m.from_json(m.to_json(), name=NAME)  # an exception here is a finding too
@@ -554,6 +559,7 @@ class HfIndexTarget(Target):
         try:
             wm = self.parse(data, name=NAME)
         except self.err as e:
+            self.error = e
             _check_named(e)
             return "rejected"
         if not isinstance(wm, dict) or not all(
@@ -1022,7 +1028,8 @@ def reproduce(name: str, path: Path) -> int:
     finally:
         print(f"{len(data)} bytes, {time.monotonic() - t0:.3f} s, peak RSS growth "
               f"{(meter.peak() - base) / MIB:.1f} MiB")  # fmt: skip
-    print(f"outcome: {outcome}")
+    error = getattr(target, "error", None)
+    print(f"outcome: {outcome}" + (f" ({type(error).__name__}: {error})" if error is not None else ""))
     return 0
 
 

@@ -161,6 +161,10 @@ class LocalSource(Source):
             raise self._missing(key) from None
         except OSError as e:
             raise SourceUnavailableError(f"source {self.id!r}: cannot open {key!r}: {e.strerror}") from None
+        except ValueError:  # a NUL byte or a lone surrogate in the location (or key): no such file
+            raise BlockNotFoundError(
+                f"source {self.id!r}: {self._root!r} / {key!r} is not a valid file name"
+            ) from None
         try:
             st = os.fstat(fd)
         except BaseException:
