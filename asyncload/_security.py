@@ -127,22 +127,33 @@ def _raw32(data: bytes, what: str) -> bytes | None:
     return None
 
 
+def _load_ed25519(value: Any, private: bool) -> Ed25519PrivateKey | Ed25519PublicKey:
+    what = "signing key" if private else "verify key"
+    data = _read_key_material(value, what)
+    raw = _raw32(data, what)
+    try:
+        if raw is not None:
+            if private:
+                return Ed25519PrivateKey.from_private_bytes(raw)
+            return Ed25519PublicKey.from_public_bytes(raw)
+        key = (
+            serialization.load_pem_private_key(data, password=None)
+            if private
+            else serialization.load_pem_public_key(data)
+        )
+    except (ValueError, TypeError):
+        raise KeyFormatError(f"{what} is not an Ed25519 PEM key, 32 raw bytes or 64 hex characters") from None
+    if not isinstance(key, Ed25519PrivateKey if private else Ed25519PublicKey):
+        raise KeyFormatError(f"{what} is not an Ed25519 key")
+    return key
+
+
 def load_sign_key(value: SignKeyLike) -> Ed25519PrivateKey:
     """An Ed25519 private key: an object, PEM (PKCS#8), 32 raw bytes or 64 hex chars, or a file of them."""
     if isinstance(value, Ed25519PrivateKey):
         return value
-    data = _read_key_material(value, "signing key")
-    raw = _raw32(data, "signing key")
-    if raw is not None:
-        return Ed25519PrivateKey.from_private_bytes(raw)
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError):
-        raise KeyFormatError(
-            "signing key is not an Ed25519 PEM key, 32 raw bytes or 64 hex characters"
-        ) from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise KeyFormatError("signing key is not an Ed25519 key")
+    key = _load_ed25519(value, private=True)
+    assert isinstance(key, Ed25519PrivateKey)
     return key
 
 
@@ -150,18 +161,8 @@ def load_verify_key(value: VerifyKeyLike) -> Ed25519PublicKey:
     """An Ed25519 public key: an object, PEM, 32 raw bytes or 64 hex chars, or a file of them."""
     if isinstance(value, Ed25519PublicKey):
         return value
-    data = _read_key_material(value, "verify key")
-    raw = _raw32(data, "verify key")
-    if raw is not None:
-        return Ed25519PublicKey.from_public_bytes(raw)
-    try:
-        key = serialization.load_pem_public_key(data)
-    except (ValueError, TypeError):
-        raise KeyFormatError(
-            "verify key is not an Ed25519 PEM key, 32 raw bytes or 64 hex characters"
-        ) from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise KeyFormatError("verify key is not an Ed25519 key")
+    key = _load_ed25519(value, private=False)
+    assert isinstance(key, Ed25519PublicKey)
     return key
 
 
