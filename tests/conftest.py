@@ -7,6 +7,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from hypothesis import settings
+
+# Timing is not what the property tests check: a 2-core CI machine under load must not turn
+# a slow example into a failure (the per-test pytest timeout still catches hangs).
+settings.register_profile("asyncload", deadline=None, print_blob=True)
+settings.load_profile("asyncload")
 
 
 @pytest.fixture(
