@@ -6,6 +6,7 @@ from ._assemble import TensorStream
 from ._config import Limits, format_size, parse_size
 from ._exceptions import (
     AsyncloadError,
+    AsyncloadErrorGroup,
     AuthenticationError,
     BlockNotFoundError,
     BudgetError,
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncloadError",
+    "AsyncloadErrorGroup",
     "AuthenticationError",
     "BlockNotFoundError",
     "BudgetError",

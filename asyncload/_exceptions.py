@@ -21,6 +21,7 @@ working for callers who do not know asyncload::
     │   └── AuthenticationError             a MAC, signature or AEAD tag does not verify
     │       ├── DecryptionError             wrong key, or a block / key envelope was altered
     │       └── KeyRequiredError            encrypted (or must be signed) and no key given
+    ├── AsyncloadErrorGroup (ExceptionGroup)  several different errors at once
     └── ClosedError (RuntimeError)          the model or stream was used after close
 
 Messages name the file, block and source involved; they never contain
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 __all__ = [
     "AsyncloadError",
+    "AsyncloadErrorGroup",
     "AuthenticationError",
     "BlockNotFoundError",
     "BudgetError",
@@ -114,6 +116,10 @@ class KeyRequiredError(AuthenticationError):
 
 class KeyFormatError(FormatError):
     """A key (bytes, hex text, key file or environment variable) is not 32 bytes / 64 hex characters."""
+
+
+class AsyncloadErrorGroup(ExceptionGroup, AsyncloadError):
+    """Several different asyncload errors at once (e.g. concurrent reads failing differently)."""
 
 
 class ClosedError(AsyncloadError, RuntimeError):

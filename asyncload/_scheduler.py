@@ -21,7 +21,14 @@ import anyio
 import crc32c as _crc32c
 
 from ._config import Limits
-from ._exceptions import AuthenticationError, ChecksumError, DecryptionError, TruncatedBlockError
+from ._exceptions import (
+    AsyncloadError,
+    AsyncloadErrorGroup,
+    AuthenticationError,
+    ChecksumError,
+    DecryptionError,
+    TruncatedBlockError,
+)
 from ._format import BlockRef
 from ._ring import Ring, Slot
 from ._threads import run_sync
@@ -200,19 +207,21 @@ def unwrap_group(exc: BaseException) -> BaseException:
     exactly one other error remains it is raised as is, so callers can write
     ``except ChecksumError``. Several errors of one type (the same fault seen
     by concurrent reads, e.g. a missing source directory) become the first of
-    them, with the others added as notes. Errors of different types stay a group.
+    them, with the others added as notes. Asyncload errors of different types
+    become one :class:`AsyncloadErrorGroup` (caught by ``except AsyncloadError``
+    and by ``except*``); anything else stays the group it was.
     """
-    while isinstance(exc, BaseExceptionGroup):
-        real = [e for e in _leaves(exc) if not isinstance(e, anyio.get_cancelled_exc_class())]
-        if len(real) == 1:
-            return real[0]
-        if real and all(type(e) is type(real[0]) for e in real):
-            for other in real[1:]:
-                real[0].add_note(f"also: {other}")
-            return real[0]
-        if not real:
-            return exc
+    if not isinstance(exc, BaseExceptionGroup):
         return exc
+    real = [e for e in _leaves(exc) if not isinstance(e, anyio.get_cancelled_exc_class())]
+    if len(real) == 1:
+        return real[0]
+    if real and all(type(e) is type(real[0]) for e in real):
+        for other in real[1:]:
+            real[0].add_note(f"also: {other}")
+        return real[0]
+    if real and all(isinstance(e, AsyncloadError) for e in real):
+        return AsyncloadErrorGroup(f"{len(real)} errors: " + "; ".join(map(str, real[:3])), real)  # type: ignore[arg-type]
     return exc
 
 
