@@ -81,6 +81,7 @@ async def run_demo(
     try:
         layout = synthetic_layout(size)
         total = sum(int(np.prod(s)) * d.itemsize for _, d, s in layout)
+        largest = max(int(np.prod(s)) * d.itemsize for _, d, s in layout)
         dirs = [root / f"disk{i}" for i in range(sources)]
         print(f"asyncload demo: {len(layout)} tensors, {format_size(total)}, {sources} sources under {root}")
         digests: dict[str, str] = {}
@@ -107,6 +108,7 @@ async def run_demo(
                     print(f"  MISMATCH in {name}")
                     return 1
                 checked += 1
+                del arr  # a streaming consumer lets go before asking for the next
             stats = model.statistics()
         dt = time.perf_counter() - t0
         growth = peak_rss() - baseline
@@ -121,7 +123,8 @@ async def run_demo(
         print(
             f"  memory : budget {format_size(budget)} in {stats.slots_total} slots of "
             f"{format_size(stats.slot_size)}; peak RSS growth {format_size(growth)} for a "
-            f"{format_size(total)} model; {stats.slot_waits} waits for a free slot"
+            f"{format_size(total)} model (S + largest tensor = {format_size(budget + largest)}); "
+            f"{stats.slot_waits} waits for a free slot"
         )
         print(
             f"  loop   : heartbeat lag p50 {lg.p50_ms:.2f} ms, p99 {lg.p99_ms:.2f} ms, max {lg.max_ms:.2f} ms"
