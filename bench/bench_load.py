@@ -8,8 +8,20 @@ One run generates a safetensors checkpoint (--size), packs it with `asyncload pa
                       limit (page-cache copy speed, no fresh memory to fault in)
   pread-fresh-4t      4 threads preadv 16 MiB chunks into one fresh np.empty of the file size
   safetensors.numpy   safetensors.numpy.load_file(path)
-  asyncload-manifest  python -m asyncload load MANIFEST --budget B --json
+  safetensors.torch   safetensors.torch.load_file(path), one byte of every 4 KiB page read  [peers]
+  runai-clone         Run:ai SafetensorsStreamer, owned=False, each tensor .clone()d and kept [peers]
+  runai-noclone       same, each tensor dropped                                              [peers]
+  tensorizer          TensorDeserializer(FILE.tensors, device="cpu"); FILE.tensors written
+                      once per run by TensorSerializer, not timed                           [peers]
+  asyncload-manifest  python -m asyncload load MANIFEST --budget B --json   (--mode load)
   asyncload-direct    python -m asyncload load FILE.safetensors --budget B --json
+  asyncload-stream    python -m asyncload load MANIFEST --mode stream ...  (owned arrays, dropped)
+  asyncload-lease     python -m asyncload load MANIFEST --mode lease ...   (zero-copy views)
+
+[peers] methods live in bench/_peers.py and need torch plus the `peers` extra; without them
+they report "unavailable: <reason>" and the run goes on. --plots adds two warm sweeps of
+asyncload-stream (budget 64/128/256/512 MiB; 1/2/4/8 sources, each packed for the sweep) and,
+when matplotlib is installed, writes PNGs of throughput against each next to the JSON.
 
 Why: the ratios to the two baselines say how close asyncload gets to the hardware and whether
 it beats the obvious library; peak RSS growth checks the bounded-memory promise.
@@ -27,6 +39,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -44,10 +58,16 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _peers  # beside this script: the torch-based peers (torch is imported lazily inside)
+
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
-METHODS = ["pread-reused", "pread-fresh-4t", "safetensors.numpy"]
-METHODS += ["asyncload-manifest", "asyncload-direct"]
+METHODS = ["pread-reused", "pread-fresh-4t", "safetensors.numpy", *_peers.READERS]
+METHODS += ["asyncload-manifest", "asyncload-direct", "asyncload-stream", "asyncload-lease"]
+ASYNCLOAD_MODE = {"asyncload-stream": "stream", "asyncload-lease": "lease"}  # others: load
+SWEEP_BUDGETS = [64, 128, 256, 512]  # MiB, --plots
+SWEEP_SOURCES = [1, 2, 4, 8]  # --plots
 REUSED_BUF, FRESH_CHUNK, FRESH_THREADS = 64 * MiB, 16 * MiB, 4
 Sample = dict[str, Any]
 Read = tuple[float, int, int, object]  # seconds, bytes, tensors, result kept alive
@@ -120,20 +140,26 @@ READERS: dict[str, Callable[[str], Read]] = {
     "pread-reused": _read_reused,
     "pread-fresh-4t": _read_fresh,
     "safetensors.numpy": _read_safetensors,
+    **_peers.READERS,
 }
 
 
 def run_sample(method: str, path: str) -> Sample:
-    """One baseline sample, in the JSON shape of `asyncload load --json` (lag_ms: null)."""
+    """One baseline or peer sample, in the JSON shape of `asyncload load --json` (lag_ms: null);
+    {"unavailable": reason} when a peer's package is missing."""
     if method == "safetensors.numpy":  # import before the RSS baseline
         import safetensors.numpy  # noqa: F401
 
         with contextlib.suppress(ImportError):
             import ml_dtypes  # noqa: F401  (teaches numpy bf16, for --bf16 checkpoints)
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    rss0 = _proc_status("VmRSS")
-    seconds, nbytes, tensors, _alive = READERS[method](path)
+    try:
+        _peers.import_all(method)  # peers: torch and the library, before the baseline
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        rss0 = _proc_status("VmRSS")
+        seconds, nbytes, tensors, _alive = READERS[method](path)
+    except _peers.Unavailable as e:
+        return {"unavailable": str(e)}
     growth = _proc_status("VmHWM") - rss0
     return {
         "bytes": nbytes,
@@ -156,9 +182,7 @@ def llama_layout(target: int, bf16: bool) -> list[tuple[str, tuple[int, ...], st
     n_layers = max(1, (target - 2 * 32000 * hidden * 2 - hidden * 4) // layer)
     vocab = max(256, (target - n_layers * layer - hidden * 4) // (4 * hidden) // 64 * 64)
     mlp = "bfloat16" if bf16 else "float16"
-    out: list[tuple[str, tuple[int, ...], str]] = [
-        ("model.embed_tokens.weight", (vocab, hidden), "float16")
-    ]
+    out: list[tuple[str, tuple[int, ...], str]] = [("model.embed_tokens.weight", (vocab, hidden), "float16")]
     for i in range(n_layers):
         p = f"model.layers.{i}."
         out.append((p + "input_layernorm.weight", (hidden,), "float32"))
@@ -238,6 +262,8 @@ def run_cmd(cmd: list[str], timeout: float) -> tuple[Sample | None, str, float]:
     for text in (p.stdout, *reversed(p.stdout.splitlines())):  # whole stdout, else last line
         with contextlib.suppress(ValueError):
             obj = json.loads(text)
+            if isinstance(obj, dict) and "unavailable" in obj:
+                return None, f"unavailable: {obj['unavailable']}", wall
             if isinstance(obj, dict) and "gbps" in obj:
                 return obj, "", wall
     return None, f"no JSON object with 'gbps' on stdout: {p.stdout[-300:]!r}", wall
@@ -245,15 +271,19 @@ def run_cmd(cmd: list[str], timeout: float) -> tuple[Sample | None, str, float]:
 
 def sample_cmd(method: str, st: Path, manifest: Path, budget: str) -> list[str]:
     if method.startswith("asyncload-"):
-        src = manifest if method == "asyncload-manifest" else st
-        return [sys.executable, "-m", "asyncload", "load", str(src), "--budget", budget, "--json"]
+        src = st if method == "asyncload-direct" else manifest
+        mode = ASYNCLOAD_MODE.get(method, "load")
+        cmd = [sys.executable, "-m", "asyncload", "load", str(src), "--budget", budget]
+        return [*cmd, "--mode", mode, "--json"]
     return [sys.executable, str(Path(__file__).resolve()), "--run-sample", method, str(st)]
 
 
 def summarize(samples: list[Sample]) -> Sample:
     ok = [s for s in samples if not s["error"]]
     if not ok:
-        return {"status": "failed", "n": 0, "error": samples[-1]["error"] if samples else ""}
+        err = samples[-1]["error"] if samples else ""
+        status = "unavailable" if err.startswith("unavailable:") else "failed"
+        return {"status": status, "n": 0, "error": err}
 
     def med(key: str, sub: str | None = None) -> float | None:
         vals = [s.get(key) if sub is None else (s.get(key) or {}).get(sub) for s in ok]
@@ -282,8 +312,11 @@ def print_table(title: str, medians: dict[str, Sample]) -> None:
     head = ("GB/s", "x st.np", "x pread", "RSS+MiB", "lag p99", "lag max", "n")
     print(f"\n{title}\n{'method':<20}" + "".join(f"{h:>9}" for h in head))
     for method, m in medians.items():
+        if m["status"] == "unavailable":
+            print(f"{method:<20} {m['error'].splitlines()[0][:100]}")
+            continue
         if m["status"] == "failed":
-            print(f"{method:<20}{'failed':>9}  {m['error'].splitlines()[0][:70]}")
+            print(f"{method:<20}{'failed':>9}  {(m['error'].splitlines() or [''])[0][:70]}")
             continue
         g = m["gbps"]
         row = (
@@ -298,28 +331,52 @@ def print_table(title: str, medians: dict[str, Sample]) -> None:
         print(f"{method:<20}" + "".join(f"{c:>9}" for c in row))
 
 
+UNAVAILABLE: dict[str, str] = {}  # method -> "unavailable: reason", found once, not retried
+
+
+def run_rounds(
+    tag: str, cmds: dict[str, list[str] | str], repeat: int, timeout: float, cold: list[Path] | None = None
+) -> dict[str, list[Sample]]:
+    """`repeat` rounds over `cmds`, each sample a fresh subprocess, order rotated per round.
+
+    A str instead of a command is an error recorded for every sample without running anything
+    (pack failed, say). `cold`: files evicted from the page cache before each sample."""
+    names = list(cmds)
+    samples: dict[str, list[Sample]] = {m: [] for m in names}
+    for rep in range(repeat):
+        k = rep % len(names)
+        for name in names[k:] + names[:k]:
+            cmd, obj, wall, known = cmds[name], None, 0.0, name in UNAVAILABLE
+            if isinstance(cmd, str):
+                err = cmd
+            elif known:
+                err = UNAVAILABLE[name]
+            else:
+                if cold is not None:
+                    evict(cold)
+                obj, err, wall = run_cmd(cmd, timeout)
+                if err.startswith("unavailable:"):
+                    UNAVAILABLE[name] = err
+            if err and not known and not any(s["error"] for s in samples[name]):  # each failure once
+                print(f"[{tag}] {name} {'' if err.startswith('unavailable:') else 'failed: '}{err}")
+            samples[name].append((obj or {}) | {"rep": rep, "wall_s": wall, "error": err})
+            shown = f"{obj['gbps']:.2f} GB/s" if obj else err.split(":")[0] if err else "failed"
+            print(f"  [{tag} rep {rep}] {name:<20} {shown}", flush=True)
+    return samples
+
+
 def run_phase(
-    phase: str, args: argparse.Namespace, methods: list[str], paths: dict[str, Any], pack_err: str
+    phase: str, args: argparse.Namespace, methods: list[str], paths: dict[str, Any], errors: dict[str, str]
 ) -> dict[str, Any]:
-    """All repetitions of one phase ("warm" or "cold"), methods round-robin."""
+    """All repetitions of one phase ("warm" or "cold"), methods round-robin. `errors`: method ->
+    why it cannot run this time (its store failed to pack, say)."""
     if phase == "warm":
         warm_up(paths["files"])
-    samples: dict[str, list[Sample]] = {m: [] for m in methods}
-    for rep in range(args.repeat):
-        k = rep % len(methods)
-        for method in methods[k:] + methods[:k]:
-            obj: Sample | None = None
-            err, wall = (f"pack failed: {pack_err}", 0.0) if pack_err else ("", 0.0)
-            if not (pack_err and method == "asyncload-manifest"):
-                if phase == "cold":
-                    evict(paths["files"])
-                cmd = sample_cmd(method, paths["st"], paths["manifest"], args.budget)
-                obj, err, wall = run_cmd(cmd, args.timeout)
-            if err and not any(s["error"] for s in samples[method]):  # print each failure once
-                print(f"[{phase}] {method} failed: {err}")
-            samples[method].append((obj or {}) | {"rep": rep, "wall_s": wall, "error": err})
-            shown = f"{obj['gbps']:.2f} GB/s" if obj else "failed"
-            print(f"  [{phase} rep {rep}] {method:<20} {shown}", flush=True)
+    cmds: dict[str, list[str] | str] = {
+        m: errors.get(m) or sample_cmd(m, paths["st"], paths["manifest"], args.budget) for m in methods
+    }
+    cold = paths["files"] if phase == "cold" else None
+    samples = run_rounds(phase, cmds, args.repeat, args.timeout, cold)
     medians = {m: summarize(s) for m, s in samples.items()}
     size_gb = paths["ck"]["file_bytes"] / 1e9
     title = f"{phase} page cache, median of {args.repeat} ({size_gb:.2f} GB, budget {args.budget})"
@@ -328,6 +385,116 @@ def run_phase(
         if med.get("bytes") not in (None, paths["ck"]["tensor_bytes"], paths["ck"]["file_bytes"]):
             print(f"note: {m} read {med['bytes']:.0f} bytes, not the tensor or file size")
     return {"samples": samples, "medians": medians}
+
+
+def pack_store(
+    st: Path, sources: list[Path], manifest: Path, block_size: str, timeout: float
+) -> tuple[str, float]:
+    """`asyncload pack` st over fresh `sources`; (error or "", wall seconds)."""
+    for d in sources:
+        d.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "asyncload", "pack", str(st), "--to", *map(str, sources)]
+    _, err, seconds = run_cmd([*cmd, "-o", str(manifest), "--block-size", block_size], timeout)
+    return ("" if err.startswith("no JSON object") else err), seconds  # pack need not print JSON
+
+
+def stream_cmd(manifest: Path, budget: str) -> list[str]:
+    cmd = [sys.executable, "-m", "asyncload", "load", str(manifest), "--budget", budget]
+    return [*cmd, "--mode", "stream", "--json"]
+
+
+def run_sweeps(
+    args: argparse.Namespace, paths: dict[str, Any], pack_err: str, workdir: Path
+) -> dict[str, Any]:
+    """--plots: asyncload-stream, warm, over budgets (the main store, --sources sources) and over
+    source counts (--budget; each count packed into its own store, measured, then removed: the
+    counts run one after another so only one extra copy of the checkpoint is on disk at a time)."""
+    sweeps: dict[str, Any] = {}
+    warm_up(paths["store"])
+    labels = {f"S={b}MiB": b for b in SWEEP_BUDGETS}
+    cmds: dict[str, list[str] | str] = {
+        label: f"pack failed: {pack_err}" if pack_err else stream_cmd(paths["manifest"], f"{b}MiB")
+        for label, b in labels.items()
+    }
+    samples = run_rounds("budget", cmds, args.repeat, args.timeout)
+    sweeps["budget"] = {"x": list(labels.values()), "labels": list(labels), "samples": samples}
+
+    samples = {}
+    for k in SWEEP_SOURCES:
+        label, d = f"k={k}", workdir / f"sweep-k{k}"
+        if k == args.sources:
+            manifest, err, store = paths["manifest"], pack_err, paths["store"]
+        else:
+            shutil.rmtree(d, ignore_errors=True)
+            srcs, manifest = [d / f"src{i}" for i in range(k)], d / "model.asyncload.json"
+            err, _ = pack_store(paths["st"], srcs, manifest, args.block_size, args.timeout)
+            store = [manifest, *srcs]
+        if not err:
+            warm_up(all_files(store))
+        cmd: list[str] | str = f"pack failed: {err}" if err else stream_cmd(manifest, args.budget)
+        samples |= run_rounds("sources", {label: cmd}, args.repeat, args.timeout)
+        shutil.rmtree(d, ignore_errors=True)
+    sweeps["sources"] = {"x": SWEEP_SOURCES, "labels": [f"k={k}" for k in SWEEP_SOURCES], "samples": samples}
+
+    for key, title in (("budget", f"{args.sources} sources"), ("sources", f"budget {args.budget}")):
+        sw = sweeps[key]
+        sw["medians"] = {label: summarize(sw["samples"][label]) for label in sw["labels"]}
+        head = f"--plots: asyncload-stream over {key}, warm, median of {args.repeat} ({title})"
+        print_table(head, sw["medians"])
+    return sweeps
+
+
+def write_plots(result: dict[str, Any], json_out: Path) -> list[Path]:
+    """PNG per sweep beside the JSON: median GB/s (line), each sample (dots), warm references."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg, ck = result["config"], result["checkpoint"]
+    warm = result.get("phases", {}).get("warm", {}).get("medians", {})
+    refs = [
+        (m, warm[m]["gbps"]) for m in ("pread-reused", "safetensors.numpy") if (warm.get(m) or {}).get("gbps")
+    ]
+    written = []
+    axes = {
+        "budget": ("budget S (MiB)", f"{cfg['sources']} sources"),
+        "sources": ("sources k", f"budget {cfg['budget']}"),
+    }
+    for key, (xlabel, fixed) in axes.items():
+        sw = result["sweeps"][key]
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        pts = [(x, sw["medians"][lb]["gbps"]) for x, lb in zip(sw["x"], sw["labels"], strict=True)]
+        pts = [(x, g) for x, g in pts if g is not None]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), "o-", color="C0", label="asyncload stream (median)")
+        dots = [
+            (x, s["gbps"])
+            for x, lb in zip(sw["x"], sw["labels"], strict=True)
+            for s in sw["samples"][lb]
+            if not s["error"]
+        ]
+        if dots:
+            ax.scatter(*zip(*dots, strict=True), s=12, alpha=0.35, color="C0", label="samples")
+        for i, (name, g) in enumerate(refs):
+            ax.axhline(g, ls="--", lw=1, color=f"C{i + 1}", label=f"{name} (warm median)")
+        if key == "budget":
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(sw["x"], [str(x) for x in sw["x"]])
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("GB/s (decimal)")
+        ax.set_title(
+            f"asyncload stream, warm: {ck['file_bytes'] / 1e9:.2f} GB, block {cfg['block_size']}, {fixed}",
+            fontsize=10,
+        )
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+        path = json_out.with_name(f"{json_out.stem}-{key}.png")
+        fig.savefig(path, dpi=110, bbox_inches="tight")  # keeps the legend below the axes
+        plt.close(fig)
+        written.append(path)
+    return written
 
 
 def main() -> int:
@@ -345,10 +512,23 @@ def main() -> int:
     add("--bf16", action="store_true", help="store MLP weights as bf16 (needs ml_dtypes)")
     add("--timeout", type=float, default=600, help="seconds allowed per subprocess" + dflt)
     add("--out", type=Path, help="raw JSON (default bench/results/load-<timestamp>.json)")
+    add(
+        "--plots",
+        action="store_true",
+        help="add warm asyncload-stream sweeps over budget (64-512MiB) and sources (1-8); "
+        "PNGs beside the JSON when matplotlib is installed",
+    )
     add("--run-sample", nargs=2, metavar=("METHOD", "PATH"), help=argparse.SUPPRESS)
+    add("--prepare-tensorizer", metavar="PATH", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run_sample:  # internal: we are the fresh subprocess of one baseline sample
         print(json.dumps(run_sample(*args.run_sample)))
+        return 0
+    if args.prepare_tensorizer:  # internal: serialize the checkpoint for the tensorizer method
+        try:
+            print(json.dumps(_peers.prepare_tensorizer(args.prepare_tensorizer)))
+        except _peers.Unavailable as e:
+            print(json.dumps({"unavailable": str(e)}))
         return 0
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if bad := sorted(set(methods) - set(METHODS)):
@@ -362,7 +542,10 @@ def main() -> int:
     out = args.out or REPO / "bench" / "results" / f"load-{stamp}.json"
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     config |= {"methods": methods, "workdir": str(workdir)}
-    del config["run_sample"]
+    del config["run_sample"], config["prepare_tensorizer"]
+    plots_ok = importlib.util.find_spec("matplotlib") is not None
+    if args.plots and not plots_ok:
+        print("--plots: matplotlib not installed (pip install -e '.[bench]'): sweeps run, no PNGs")
     result: dict[str, Any] = {
         "created": stamp,
         "config": config,
@@ -377,6 +560,9 @@ def main() -> int:
         import safetensors
 
         result["env"]["safetensors"] = safetensors.__version__
+        for dist in ("torch", "runai-model-streamer", "tensorizer"):  # peers, without importing them
+            with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+                result["env"][dist] = importlib.metadata.version(dist)
         t0 = time.perf_counter()
         ck = generate(st, args.size, args.bf16) | {"generate_s": time.perf_counter() - t0}
         result["checkpoint"] = ck
@@ -387,25 +573,39 @@ def main() -> int:
             f"generated in {ck['generate_s']:.1f}s"
         )
 
-        for d in sources:
-            d.mkdir(exist_ok=True)
-        pack_cmd = [sys.executable, "-m", "asyncload", "pack", str(st), "--to", *map(str, sources)]
-        pack_cmd += ["-o", str(manifest), "--block-size", args.block_size]
-        _, pack_err, pack_s = run_cmd(pack_cmd, args.timeout)
-        if pack_err.startswith("no JSON object"):  # pack need not print JSON
-            pack_err = ""
+        pack_err, pack_s = pack_store(st, sources, manifest, args.block_size, args.timeout)
         result["pack"] = {"seconds": pack_s, "ok": not pack_err, "error": pack_err}
         gbps = ck["file_bytes"] / pack_s / 1e9
-        print(
-            f"pack: FAILED ({pack_err})"
-            if pack_err
-            else f"pack: {pack_s:.2f}s wall ({gbps:.2f} GB/s)"
-        )
+        print(f"pack: FAILED ({pack_err})" if pack_err else f"pack: {pack_s:.2f}s wall ({gbps:.2f} GB/s)")
 
-        files = all_files([st, manifest, *sources])
-        paths = {"st": st, "manifest": manifest, "files": files, "ck": ck}
+        # the methods that read the packed store cannot run without it
+        errors = {m: f"pack failed: {pack_err}" for m in methods if pack_err and m.startswith("asyncload-")}
+        errors.pop("asyncload-direct", None)
+        if "tensorizer" in methods:  # its own format: serialize once, untimed for the table
+            tz_cmd = [sys.executable, str(Path(__file__).resolve()), "--prepare-tensorizer", str(st)]
+            tz, tz_err, _ = run_cmd(tz_cmd, args.timeout)
+            result["tensorizer_serialize"] = tz or {"error": tz_err}
+            if tz_err:
+                errors["tensorizer"] = tz_err if tz_err.startswith("unavailable:") else f"serialize: {tz_err}"
+                print(f"tensorizer serialize: {tz_err}")
+            else:
+                print(f"tensorizer serialize: {tz['seconds']:.2f}s ({tz['gbps']:.2f} GB/s), not timed below")
+
+        store = [manifest, *sources]
+        tz_file = _peers.tensorizer_path(st)
+        files = all_files([st, *store, *([tz_file] if tz_file.exists() else [])])
+        paths = {"st": st, "manifest": manifest, "files": files, "store": all_files(store), "ck": ck}
         phases = ["warm", "cold"] if args.cold else ["warm"]
-        result["phases"] = {ph: run_phase(ph, args, methods, paths, pack_err) for ph in phases}
+        result["phases"] = {ph: run_phase(ph, args, methods, paths, errors) for ph in phases}
+        if args.plots:
+            result["sweeps"] = run_sweeps(args, paths, pack_err, workdir)
+            if plots_ok:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    for png in write_plots(result, out):
+                        print(f"plot: {png}")
+                except Exception as e:  # the measurements still go to the JSON
+                    print(f"--plots: writing PNGs failed: {type(e).__name__}: {e}")
     finally:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")
