@@ -111,6 +111,7 @@ class BlockRef:
     crc32c: int | None
     key_offset: int = 0
     sha256: str | None = None
+    copies: tuple[str, ...] = ()  # other sources holding the same bytes under the same key
 
     @property
     def end(self) -> int:
@@ -223,6 +224,8 @@ def _block_json(b: BlockRef) -> dict[str, Any]:
         out["key_offset"] = b.key_offset
     if b.sha256 is not None:
         out["sha256"] = b.sha256
+    if b.copies:
+        out["copies"] = list(b.copies)
     return out
 
 
@@ -449,7 +452,7 @@ def _parse_manifest(data: bytes | str, name: str) -> Manifest:
         where = f"{name}: blocks[{i}]"
         if not isinstance(b, dict):
             raise ManifestError(f"{where}: must be an object")
-        _only(b, {"source", "key", "offset", "length", "crc32c", "key_offset", "sha256"}, where)
+        _only(b, {"source", "key", "offset", "length", "crc32c", "key_offset", "sha256", "copies"}, where)
         src = _req(b, "source", str, where)
         if src not in ids:
             raise ManifestError(f"{where}: unknown source {src!r}")
@@ -473,7 +476,14 @@ def _parse_manifest(data: bytes | str, name: str) -> Manifest:
         sha = b.get("sha256")
         if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
             raise ManifestError(f"{where}: sha256 must be 64 lowercase hex digits")
-        blocks.append(BlockRef(i, src, key, off, length, crc, key_off, sha))
+        copies = b.get("copies", [])
+        if (
+            not isinstance(copies, list)
+            or not all(isinstance(c, str) and c in ids for c in copies)
+            or len({src, *copies}) != len(copies) + 1
+        ):
+            raise ManifestError(f"{where}: copies must list other known source ids, each once")
+        blocks.append(BlockRef(i, src, key, off, length, crc, key_off, sha, tuple(copies)))
         pos += length
     if pos != total:
         raise ManifestError(f"{name}: blocks cover {pos} bytes but total_size is {total}")

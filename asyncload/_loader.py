@@ -46,6 +46,7 @@ class LoaderStatistics:
     slot_waits: int  # times a read had to wait for a slot, since open
     blocks_read: int
     checksum_failures: int
+    degraded_reads: int  # blocks served by another copy after one failed
     bytes_read_per_source: Mapping[str, int]
     sources: Mapping[str, SourceStatistics]
     assembly: AssemblyStatistics | None  # the active stream's reservations, if any
@@ -222,6 +223,7 @@ class Model:
             slot_waits=r.waits,
             blocks_read=rd.blocks_read,
             checksum_failures=rd.checksum_failures,
+            degraded_reads=rd.degraded_reads,
             bytes_read_per_source={k: v.bytes_read for k, v in srcs.items()},
             sources=srcs,
             assembly=self._stream.statistics() if self._stream is not None else None,
@@ -348,6 +350,7 @@ async def save(
     progress: Progress | None = None,
     key: Any | None = None,
     sign_key: Any | None = None,
+    replicas: int = 1,
 ) -> str:
     """Write ``tensors`` as blocks over ``sources`` and commit a manifest at ``path``.
 
@@ -362,7 +365,8 @@ async def save(
     manifest; an iterable input is then collected first (see docs/encryption.md).
     ``sign_key`` (Ed25519 private key: PEM, 32 raw bytes, 64 hex, or a file)
     signs the manifest, which then records a SHA-256 of every block (a loader
-    given ``verify_key`` checks each one).
+    given ``verify_key`` checks each one). ``replicas`` R stores every block on R
+    distinct sources; a load reads another copy when one fails.
     """
     m = parse_size(block_size, what="block_size")
     if m < MIN_BLOCK_SIZE:
@@ -377,5 +381,6 @@ async def save(
         progress=progress,
         key=key,
         sign_key=sign_key,
+        replicas=replicas,
     )
     return os.fspath(out)

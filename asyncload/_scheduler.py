@@ -27,6 +27,8 @@ from ._exceptions import (
     AuthenticationError,
     ChecksumError,
     DecryptionError,
+    IntegrityError,
+    SourceError,
     TruncatedBlockError,
 )
 from ._format import BlockRef
@@ -65,6 +67,7 @@ class ReaderStatistics:
     bytes_in_flight: int  # bytes of reads started and not yet landed
     reads_in_flight: int
     checksum_failures: int
+    degraded_reads: int  # blocks served by another copy after one failed
 
 
 class BlockReader:
@@ -95,6 +98,7 @@ class BlockReader:
         self._bytes_in_flight = 0
         self._reads_in_flight = 0
         self._checksum_failures = 0
+        self._degraded_reads = 0
 
     @classmethod
     def for_sources(
@@ -114,25 +118,51 @@ class BlockReader:
 
     def statistics(self) -> ReaderStatistics:
         return ReaderStatistics(
-            self._blocks_read, self._bytes_in_flight, self._reads_in_flight, self._checksum_failures
+            self._blocks_read,
+            self._bytes_in_flight,
+            self._reads_in_flight,
+            self._checksum_failures,
+            self._degraded_reads,
         )
 
     async def read_block(self, block: BlockRef, slot: Slot) -> None:
-        """Fill ``slot`` with ``block``'s bytes, verified; raise an IntegrityError/SourceError otherwise."""
-        source = self.sources[block.source]
+        """Fill ``slot`` with ``block``'s bytes, verified; raise an IntegrityError/SourceError otherwise.
+
+        A block stored on several sources (``block.copies``) is read from the
+        next copy when one fails (missing, I/O error, wrong length, checksum or
+        tag): a degraded read, counted in :meth:`statistics`. Only when every
+        copy fails is the first error raised, with the others as notes.
+        """
+        errors: list[Exception] = []
+        for source_id in (block.source, *block.copies):  # primary first
+            try:
+                await self.read_copy(block, source_id, slot)
+            except (SourceError, IntegrityError) as e:
+                errors.append(e)
+                continue
+            if errors:
+                self._degraded_reads += 1
+            return
+        for other in errors[1:]:
+            errors[0].add_note(f"also: {other}")
+        raise errors[0]
+
+    async def read_copy(self, block: BlockRef, source_id: str, slot: Slot) -> None:
+        """Read and verify the copy of ``block`` on ``source_id`` into ``slot``."""
+        source = self.sources[source_id]
         stored = block.length + self.overhead  # an encrypted block carries its GCM tag
         buf = slot.memory.data[:stored]
         self._bytes_in_flight += block.length
         self._reads_in_flight += 1
         try:
-            async with self.limiters[block.source]:
+            async with self.limiters[source_id]:
                 n = await source.read_into(block.key, block.key_offset, buf)
         finally:
             self._bytes_in_flight -= block.length
             self._reads_in_flight -= 1
         if n != stored:
             raise TruncatedBlockError(
-                f"block {block.index} ({block.key!r} on source {block.source!r}) is truncated: "
+                f"block {block.index} ({block.key!r} on source {source_id!r}) is truncated: "
                 f"read {n} of {stored} bytes"
             )
         slot.used = n
@@ -141,11 +171,11 @@ class BlockReader:
             if got != block.crc32c:
                 self._checksum_failures += 1
                 raise ChecksumError(
-                    f"block {block.index} ({block.key!r} on source {block.source!r}) is corrupt: "
+                    f"block {block.index} ({block.key!r} on source {source_id!r}) is corrupt: "
                     f"crc32c {got:08x}, manifest says {block.crc32c:08x}"
                 )
         if self.verify_hashes:
-            where = f"block {block.index} ({block.key!r} on source {block.source!r})"
+            where = f"block {block.index} ({block.key!r} on source {source_id!r})"
             if block.sha256 is None:
                 raise AuthenticationError(
                     f"{where} carries no sha256: its signature does not cover its bytes"
@@ -159,7 +189,7 @@ class BlockReader:
                 await run_sync(self.cipher.open, block.index, slot.memory, stored, limiter=self.threads)
             except DecryptionError as e:
                 raise DecryptionError(
-                    f"block {block.index} ({block.key!r} on source {block.source!r}): {e}"
+                    f"block {block.index} ({block.key!r} on source {source_id!r}): {e}"
                 ) from None
             slot.used = block.length
         self._blocks_read += 1

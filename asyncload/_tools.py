@@ -56,12 +56,14 @@ async def pack(
     progress: Progress | None = None,
     key: Any | None = None,
     sign_key: Any | None = None,
+    replicas: int = 1,
 ) -> str:
     """Cut a ``.safetensors`` file or HF directory into blocks over the ``to`` directories.
 
     Block i goes to directory i mod k. The manifest (default:
     ``<name>.asyncload.json`` beside the first directory) is committed last, atomically.
-    ``key`` encrypts the blocks, ``sign_key`` signs the manifest (see :func:`asyncload.save`).
+    ``key`` encrypts the blocks, ``sign_key`` signs the manifest, ``replicas`` R puts every
+    block on R distinct directories (i, i+1, ... mod k) (see :func:`asyncload.save`).
     """
     m = parse_size(block_size, what="block_size")
     if m < MIN_BLOCK_SIZE:
@@ -76,7 +78,14 @@ async def pack(
         manifest = Path(os.fspath(to[0])).parent / f"{name}.asyncload.json"
     limits = _limits(budget, m, len(to))
     out = await pack_opened(
-        opened, manifest, to, limits=limits, progress=progress, key=key, sign_key=sign_key
+        opened,
+        manifest,
+        to,
+        limits=limits,
+        progress=progress,
+        key=key,
+        sign_key=sign_key,
+        replicas=replicas,
     )
     return os.fspath(out)
 
@@ -245,10 +254,12 @@ async def verify(
     async def one(block: BlockRef, slot: Slot) -> None:
         nonlocal checked
         try:
-            await reader.read_block(block, slot)
-            checked += block.length
-        except (SourceError, IntegrityError) as e:  # DecryptionError is an IntegrityError
-            bad.append(BadBlock(block.index, block.source, block.key, str(e)))
+            for source_id in (block.source, *block.copies):  # every copy, not just one good one
+                try:
+                    await reader.read_copy(block, source_id, slot)
+                    checked += block.length
+                except (SourceError, IntegrityError) as e:  # DecryptionError is an IntegrityError
+                    bad.append(BadBlock(block.index, source_id, block.key, str(e)))
         finally:
             ring.release(slot)
             if progress is not None:

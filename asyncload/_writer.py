@@ -57,7 +57,13 @@ class ScatterWriter:
         ckpt_id: str,
         cipher: BlockCipher | None = None,
         hash_blocks: bool = False,
+        replicas: int = 1,
     ) -> None:
+        if not 1 <= replicas <= len(sources):
+            raise FormatError(
+                f"replicas must be between 1 and the number of sources ({len(sources)}), got {replicas}"
+            )
+        self.replicas = replicas
         self.sources = list(sources)
         self.cipher = cipher
         self.hash_blocks = hash_blocks  # SHA-256 per block, for a manifest that will be signed
@@ -71,7 +77,13 @@ class ScatterWriter:
         self.bytes_written = 0
 
     async def _write(
-        self, tag: int, src: Source, key: str, offset: int, slot: Slot, progress: Progress | None
+        self,
+        tag: int,
+        srcs: list[Source],
+        key: str,
+        offset: int,
+        slot: Slot,
+        progress: Progress | None,
     ) -> None:
         try:
             length = slot.used
@@ -80,11 +92,18 @@ class ScatterWriter:
                 stored = await run_sync(self.cipher.seal, tag, slot.memory, length, limiter=self.threads)
             data = slot.memory.data[:stored]
             crc = await checksum(data, self.threads)  # over what is stored: repair needs no key
-            async with self.limiters[src.id]:
-                await src.write(key, data)
+
+            async def put(src: Source) -> None:
+                async with self.limiters[src.id]:
+                    await src.write(key, data)
+
+            async with anyio.create_task_group() as tg:  # every copy, concurrently
+                for src in srcs:
+                    tg.start_soon(put, src)
             sha = await run_sync(sha256_hex, data, limiter=self.threads) if self.hash_blocks else None
-            self.blocks[tag] = BlockRef(tag, src.id, key, offset, length, crc, sha256=sha)
-            self.bytes_written += stored
+            copies = tuple(s.id for s in srcs[1:])
+            self.blocks[tag] = BlockRef(tag, srcs[0].id, key, offset, length, crc, sha256=sha, copies=copies)
+            self.bytes_written += stored * len(srcs)
             if progress is not None:
                 progress(length)
         finally:
@@ -100,9 +119,14 @@ class ScatterWriter:
         slot: Slot,
         progress: Progress | None = None,
     ) -> None:
-        """Start writing ``slot`` (ownership passes to the writer, which releases it)."""
-        src = self.sources[source_index]
-        tg.start_soon(self._write, tag, src, f"{self.ckpt_id}/{key}", offset, slot, progress)
+        """Start writing ``slot`` (ownership passes to the writer, which releases it).
+
+        With ``replicas`` R the block goes to sources ``source_index .. source_index + R - 1``
+        (mod k), R distinct sources; the first is its primary.
+        """
+        k = len(self.sources)
+        srcs = [self.sources[(source_index + j) % k] for j in range(self.replicas)]
+        tg.start_soon(self._write, tag, srcs, f"{self.ckpt_id}/{key}", offset, slot, progress)
 
     async def sync(self) -> None:
         async with anyio.create_task_group() as tg:
@@ -184,6 +208,7 @@ async def save_tensors(
     progress: Progress | None = None,
     key: Any | None = None,
     sign_key: Any | None = None,
+    replicas: int = 1,
 ) -> Path:
     """Serialize tensors as a safetensors stream into slots, scatter, then commit.
 
@@ -219,7 +244,9 @@ async def save_tensors(
         limits = dataclasses.replace(limits, overhead=cipher.overhead)
         limits.check(len(srcs))
     ring = await run_sync(Ring, limits.slot_size, limits.slots)
-    writer = ScatterWriter(srcs, ring, limits, ckpt_id, cipher, hash_blocks=sign_key is not None)
+    writer = ScatterWriter(
+        srcs, ring, limits, ckpt_id, cipher, hash_blocks=sign_key is not None, replicas=replicas
+    )
     # Stream index of data block d: known up front when the header is; else fixed at the end.
     first_data = _header_blocks(len(planned_header), m) if planned_header is not None else _LATE
     entries: list[tuple[str, str, tuple[int, ...], int]] = []
@@ -328,6 +355,7 @@ async def pack_opened(
     progress: Progress | None = None,
     key: Any | None = None,
     sign_key: Any | None = None,
+    replicas: int = 1,
 ) -> Path:
     """Copy an in-place input (safetensors file or HF directory) into a block store."""
     dest = _open_sources(sources)
@@ -346,7 +374,9 @@ async def pack_opened(
         limits = dataclasses.replace(limits, overhead=cipher.overhead)
         limits.check(len(dest))
     ring = await run_sync(Ring, limits.slot_size, limits.slots)
-    writer = ScatterWriter(dest, ring, limits, ckpt_id, cipher, hash_blocks=sign_key is not None)
+    writer = ScatterWriter(
+        dest, ring, limits, ckpt_id, cipher, hash_blocks=sign_key is not None, replicas=replicas
+    )
     reader = BlockReader.for_sources(ring, opened.sources, limits, writer.threads)
     placement = place_blocks(len(src_man.blocks), len(dest))
     try:

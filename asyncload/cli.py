@@ -107,6 +107,7 @@ async def cmd_pack(a: argparse.Namespace) -> int:
             progress=bar,
             key=key,
             sign_key=a.sign_key,
+            replicas=a.replicas,
         )
     finally:
         bar.close()
@@ -186,6 +187,7 @@ async def cmd_load(a: argparse.Namespace) -> int:
         "lag_ms": {"p50": lagsum.p50_ms, "p99": lagsum.p99_ms, "max": lagsum.max_ms},
         "blocks_read": stats.blocks_read,
         "slot_waits": stats.slot_waits,
+        "degraded_reads": stats.degraded_reads,
         "bytes_read_per_source": dict(stats.bytes_read_per_source),
     }
     del kept
@@ -201,7 +203,11 @@ async def cmd_load(a: argparse.Namespace) -> int:
             f"p99 {lagsum.p99_ms:.2f} ms, max {lagsum.max_ms:.2f} ms"
         )
         per = ", ".join(f"{k}: {format_size(v)}" for k, v in stats.bytes_read_per_source.items())
-        print(f"blocks read {stats.blocks_read}, waits for a slot {stats.slot_waits}; per source: {per}")
+        degraded = f", degraded reads {stats.degraded_reads}" if stats.degraded_reads else ""
+        print(
+            f"blocks read {stats.blocks_read}{degraded}, waits for a slot {stats.slot_waits}; "
+            f"per source: {per}"
+        )
     return 0
 
 
@@ -372,6 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="encrypt every block (AES-256-GCM) under --key-file or $ASYNCLOAD_KEY",
     )
+    sp.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        metavar="R",
+        help="store every block on R distinct directories (default 1); loads read another copy on failure",
+    )
     sp.add_argument("--key-file", metavar="PATH", help="32 raw bytes or 64 hex characters; implies --encrypt")
     sp.add_argument(
         "--sign-key", metavar="PATH", help="Ed25519 private key (PEM or raw) to sign the manifest"
@@ -434,7 +447,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("target", help="manifest, .safetensors file or HF model directory")
     sp.add_argument("--all", action="store_true", help="list every tensor")
     sp.add_argument("--json", action="store_true", help="print the manifest as JSON")
-    budget(sp)
     source(sp)
     keys(sp)
     sp.set_defaults(func=cmd_info)

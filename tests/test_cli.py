@@ -35,7 +35,7 @@ SUBCOMMANDS = {
     "unpack": ["--output", "--budget", "--source"],
     "load": ["--budget", "--block-size", "--mode", "--json", "--threads", "--reads-per-source", "--source"],
     "verify": ["--budget", "--json", "--source"],
-    "info": ["--all", "--json", "--budget", "--source"],
+    "info": ["--all", "--json", "--source", "--key-file", "--verify-key"],
     "demo": ["--size", "--budget", "--block-size", "--sources", "--keep"],
 }
 
