@@ -64,6 +64,7 @@ class ScatterWriter:
                 f"replicas must be between 1 and the number of sources ({len(sources)}), got {replicas}"
             )
         self.replicas = replicas
+        self.limits = limits
         self.sources = list(sources)
         self.cipher = cipher
         self.hash_blocks = hash_blocks  # SHA-256 per block, for a manifest that will be signed
@@ -240,13 +241,8 @@ async def save_tensors(
         total = len(planned_header) + data_total
         table = parse_header(planned_header, file_size=total, name="new checkpoint")
         cipher, encryption = new_cipher_for(user_key, ckpt_id, max(count, 1), table.tensors)
-    if cipher is not None:
-        limits = dataclasses.replace(limits, overhead=cipher.overhead)
-        limits.check(len(srcs))
-    ring = await run_sync(Ring, limits.slot_size, limits.slots)
-    writer = ScatterWriter(
-        srcs, ring, limits, ckpt_id, cipher, hash_blocks=sign_key is not None, replicas=replicas
-    )
+    writer = await _new_writer(srcs, limits, ckpt_id, cipher, sign_key=sign_key, replicas=replicas)
+    ring, limits = writer.ring, writer.limits
     # Stream index of data block d: known up front when the header is; else fixed at the end.
     first_data = _header_blocks(len(planned_header), m) if planned_header is not None else _LATE
     entries: list[tuple[str, str, tuple[int, ...], int]] = []
@@ -335,6 +331,25 @@ async def save_tensors(
     return await commit_manifest(mpath, _seal(manifest, cipher, sign_key))
 
 
+async def _new_writer(
+    sources: Sequence[Source],
+    limits: Limits,
+    ckpt_id: str,
+    cipher: BlockCipher | None,
+    *,
+    sign_key: Any | None,
+    replicas: int,
+) -> ScatterWriter:
+    """The ring and writer of one save or pack; slots carry the GCM tag when encrypting."""
+    if cipher is not None:
+        limits = dataclasses.replace(limits, overhead=cipher.overhead)
+        limits.check(len(sources))
+    ring = await run_sync(Ring, limits.slot_size, limits.slots)
+    return ScatterWriter(
+        sources, ring, limits, ckpt_id, cipher, hash_blocks=sign_key is not None, replicas=replicas
+    )
+
+
 def _seal(manifest: Manifest, cipher: BlockCipher | None, sign_key: Any | None) -> Manifest:
     if cipher is None and sign_key is None:
         return manifest
@@ -370,13 +385,8 @@ async def pack_opened(
 
         user_key = await aload_key(key)
         cipher, encryption = new_cipher_for(user_key, ckpt_id, len(src_man.blocks), src_man.tensors)
-    if cipher is not None:
-        limits = dataclasses.replace(limits, overhead=cipher.overhead)
-        limits.check(len(dest))
-    ring = await run_sync(Ring, limits.slot_size, limits.slots)
-    writer = ScatterWriter(
-        dest, ring, limits, ckpt_id, cipher, hash_blocks=sign_key is not None, replicas=replicas
-    )
+    writer = await _new_writer(dest, limits, ckpt_id, cipher, sign_key=sign_key, replicas=replicas)
+    ring, limits = writer.ring, writer.limits
     reader = BlockReader.for_sources(ring, opened.sources, limits, writer.threads)
     placement = place_blocks(len(src_man.blocks), len(dest))
     try:

@@ -121,10 +121,8 @@ async def cmd_pack(a: argparse.Namespace) -> int:
 
 
 async def cmd_unpack(a: argparse.Namespace) -> int:
-    from ._inputs import open_input
 
-    opened = await open_input(a.manifest, block_size=DEFAULT_BLOCK_SIZE, sources=_sources_arg(a.source))
-    bar = _Progress(opened.manifest.total_size, "unpack", not a.quiet)
+    bar = _Progress(await _total_of(a.manifest, _sources_arg(a.source)), "unpack", not a.quiet)
     try:
         paths = await unpack(
             a.manifest,
