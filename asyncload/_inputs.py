@@ -29,7 +29,8 @@ from ._format import (
 )
 from ._plan import cut_blocks
 from ._threads import run_sync
-from .sources import LocalSource, Source
+from .sources import Source
+from .sources._open import source_for
 
 __all__ = ["HF_INDEX", "Opened", "open_input"]
 
@@ -191,5 +192,5 @@ async def open_input(
             loc = base
         # Files read in place may be links (a Hugging Face cache snapshot links every
         # shard to ../../blobs/); a block store's keys stay confined to their root.
-        built[ref.id] = LocalSource(ref.id, loc, follow_symlinks=kind != "manifest")
+        built[ref.id] = source_for(ref.id, loc, follow_symlinks=kind != "manifest")
     return Opened(manifest, built, str(path), kind)

@@ -29,7 +29,8 @@ from ._plan import place_blocks
 from ._ring import Ring, Slot
 from ._scheduler import INLINE_BYTES, BlockReader, checksum, sha256_hex, unwrap_group
 from ._threads import run_sync
-from .sources import LocalSource, Source
+from .sources import Source
+from .sources._open import is_remote, source_for
 from .sources._local import fsync_dir, makedirs_private, write_file_atomic
 
 if TYPE_CHECKING:
@@ -138,6 +139,9 @@ class ScatterWriter:
 def _manifest_sources(sources: Sequence[str | os.PathLike[str]], manifest_dir: Path) -> list[SourceRef]:
     refs = []
     for i, loc in enumerate(sources):
+        if is_remote(loc):
+            refs.append(SourceRef(f"s{i}", os.fspath(loc)))
+            continue
         p = Path(os.fspath(loc)).expanduser()
         location = str(p) if p.is_absolute() else os.path.relpath(p.resolve(), manifest_dir.resolve())
         refs.append(SourceRef(f"s{i}", location))
@@ -160,7 +164,7 @@ async def commit_manifest(path: str | os.PathLike[str], manifest: Manifest) -> P
 def _open_sources(sources: Sequence[str | os.PathLike[str]]) -> list[Source]:
     if not sources:
         raise FormatError("at least one source directory is needed")
-    return [LocalSource(f"s{i}", os.fspath(s), create=True) for i, s in enumerate(sources)]
+    return [source_for(f"s{i}", s, create=True) for i, s in enumerate(sources)]
 
 
 # --------------------------------------------------------------------------- save
