@@ -30,7 +30,7 @@ from ._format import (
 from ._plan import cut_blocks
 from ._threads import run_sync
 from .sources import Source
-from .sources._open import source_for
+from .sources._open import is_remote, join_location, parent_location, read_object, source_for
 
 __all__ = ["HF_INDEX", "Opened", "open_input"]
 
@@ -158,12 +158,6 @@ def _open_sync(target: Path, block_size: int) -> tuple[Manifest, Path, str]:
     )
 
 
-def resolve_location(location: str, base: Path) -> Path:
-    """A source location from a manifest: absolute as is, relative against the manifest's directory."""
-    p = Path(os.path.expanduser(location))  # "~nosuchuser" stays as is (Path.expanduser raises)
-    return p if p.is_absolute() else base / p
-
-
 async def open_input(
     target: str | os.PathLike[str],
     *,
@@ -175,22 +169,31 @@ async def open_input(
     ``sources`` re-points source ids at new locations (relative locations given
     here resolve against the current directory).
     """
-    path = Path(os.path.expanduser(os.fspath(target)))  # noqa: ASYNC240 - no I/O, reads $HOME only
     repoint = dict(sources or {})
+    if is_remote(target):  # a manifest URL: sources resolve against its own location
+        url = os.fspath(target)
+        data = await read_object(url, limit=MAX_MANIFEST_SIZE)
+        manifest = Manifest.from_json(data, name=url)
+        return _build(manifest, parent_location(url), url, "manifest", repoint)
+    path = Path(os.path.expanduser(os.fspath(target)))  # noqa: ASYNC240 - no I/O, reads $HOME only
     manifest, base, kind = await run_sync(_open_sync, path, block_size)
+    return _build(manifest, str(base), str(path), kind, repoint)
+
+
+def _build(manifest: Manifest, base: str, origin: str, kind: str, repoint: dict[str, str]) -> Opened:
     known = {s.id for s in manifest.sources}
     unknown = sorted(set(repoint) - known)
     if unknown:
-        raise ManifestError(f"{path}: cannot re-point unknown source ids {unknown}; known: {sorted(known)}")
+        raise ManifestError(f"{origin}: cannot re-point unknown source ids {unknown}; known: {sorted(known)}")
     built: dict[str, Source] = {}
     for ref in manifest.sources:
         if ref.id in repoint:
-            loc = Path(os.path.expanduser(repoint[ref.id]))  # noqa: ASYNC240 - no I/O
+            loc = repoint[ref.id]
         elif kind == "manifest":
-            loc = resolve_location(ref.location, base)
+            loc = join_location(base, ref.location)
         else:
             loc = base
         # Files read in place may be links (a Hugging Face cache snapshot links every
         # shard to ../../blobs/); a block store's keys stay confined to their root.
         built[ref.id] = source_for(ref.id, loc, follow_symlinks=kind != "manifest")
-    return Opened(manifest, built, str(path), kind)
+    return Opened(manifest, built, origin, kind)

@@ -30,8 +30,8 @@ from ._ring import Ring, Slot
 from ._scheduler import INLINE_BYTES, BlockReader, checksum, sha256_hex, unwrap_group
 from ._threads import run_sync
 from .sources import Source
-from .sources._open import is_remote, source_for
 from .sources._local import fsync_dir, makedirs_private, write_file_atomic
+from .sources._open import is_remote, source_for, write_object
 
 if TYPE_CHECKING:
     from ._security import BlockCipher
@@ -155,7 +155,13 @@ def _write_manifest_sync(path: Path, data: bytes) -> None:
 
 
 async def commit_manifest(path: str | os.PathLike[str], manifest: Manifest) -> Path:
-    """Atomically replace the manifest at ``path`` (temp file, fsync, rename, fsync dir)."""
+    """Atomically replace the manifest at ``path`` (temp file, fsync, rename, fsync dir).
+
+    A remote ``path`` (URL) is written with one PUT of the whole manifest, after every block.
+    """
+    if is_remote(path):
+        await write_object(os.fspath(path), manifest.to_json())
+        return Path(os.fspath(path))  # TODO(remote): return the location string
     p = Path(os.fspath(path))
     await run_sync(_write_manifest_sync, p, manifest.to_json())
     return p

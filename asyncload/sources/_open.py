@@ -81,3 +81,38 @@ def source_for(
 
         return S3Source(id, loc)
     return LocalSource(id, os.path.expanduser(loc), create=create, follow_symlinks=follow_symlinks)
+
+
+async def read_object(location: str, *, limit: int) -> bytes:
+    """The whole object at a remote ``location`` (a manifest URL), at most ``limit`` bytes.
+
+    Works for every backend through the :class:`Source` interface: the parent
+    location is the source, the last path component the key.
+    """
+    from .._exceptions import ManifestError
+
+    parent, name = split_location(location)
+    src = source_for("manifest", parent)
+    try:
+        size = await src.size(name)
+        if size > limit:
+            raise ManifestError(f"{location}: {size} bytes is larger than any manifest asyncload writes")
+        buf = bytearray(size)
+        n = await src.read_into(name, 0, memoryview(buf))
+        if n != size:
+            from .._exceptions import TruncatedBlockError
+
+            raise TruncatedBlockError(f"{location}: read {n} of {size} bytes")
+        return bytes(buf)
+    finally:
+        await src.aclose()
+
+
+async def write_object(location: str, data: bytes) -> None:
+    """Store ``data`` whole at a remote ``location`` (a manifest URL): one PUT, written last."""
+    parent, name = split_location(location)
+    src = source_for("manifest", parent, create=True)
+    try:
+        await src.write(name, memoryview(data))
+    finally:
+        await src.aclose()
