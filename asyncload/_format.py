@@ -32,8 +32,10 @@ __all__ = [
     "BlockRef",
     "FileEntry",
     "Manifest",
+    "ParityRef",
     "SafetensorsHeader",
     "SourceRef",
+    "Stripe",
     "TensorInfo",
     "build_header",
     "parse_header",
@@ -44,9 +46,11 @@ __all__ = [
 FORMAT_NAME = "asyncload.manifest"
 FORMAT_VERSION = 1
 ENCRYPTION_SCHEME = "aes-256-gcm-v1"
+REDUNDANCY_SCHEME = "reed-solomon-cauchy-gf256"  # isa_l_rs_cauchy's code, see docs/erasure.md
+MAX_STRIPE_WIDTH = 32
 _TOP_LEVEL = frozenset(
     {"format", "version", "id", "block_size", "total_size", "files", "tensors", "sources", "blocks"}
-    | {"extra", "encryption", "mac", "signature"}
+    | {"extra", "encryption", "mac", "signature", "redundancy", "stripes"}
 )
 MAX_HEADER_SIZE = 100 * 1024 * 1024  # the limit safetensors itself enforces
 MAX_MANIFEST_SIZE = 1 << 30
@@ -119,6 +123,32 @@ class BlockRef:
 
 
 @dataclass(frozen=True, slots=True)
+class ParityRef:
+    """One parity block of a stripe: stored on ``source`` under ``key``, ``crc32c`` of its bytes."""
+
+    source: str
+    key: str
+    crc32c: int
+    sha256: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Stripe:
+    """A Reed-Solomon stripe: data blocks ``blocks`` (indices) and their ``parity`` blocks.
+
+    Every block of the stripe counts as ``length`` bytes (the longest stored
+    member; shorter members are zero-padded for coding, not on storage). The
+    code is ``RS(len(blocks), len(parity))``: any ``len(parity)`` of the
+    stripe's blocks may be lost. Members and parity sit on distinct sources.
+    """
+
+    index: int
+    blocks: tuple[int, ...]
+    length: int
+    parity: tuple[ParityRef, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class FileEntry:
     """A file of the original checkpoint: its relative path and range in the stream."""
 
@@ -146,6 +176,9 @@ class Manifest:
     encryption: Mapping[str, Any] | None = None
     mac: str | None = None
     signature: Mapping[str, str] | None = None
+    # Redundancy (optional): P parity blocks per stripe of data blocks (docs/reliability.md).
+    parity: int = 0
+    stripes: tuple[Stripe, ...] = ()
 
     @property
     def block_overhead(self) -> int:
@@ -197,6 +230,16 @@ class Manifest:
             doc["mac"] = self.mac
         if self.signature is not None:
             doc["signature"] = dict(self.signature)
+        if self.parity:
+            doc["redundancy"] = {"scheme": REDUNDANCY_SCHEME, "parity": self.parity}
+            doc["stripes"] = [
+                {
+                    "blocks": list(st.blocks),
+                    "length": st.length,
+                    "parity": [_parity_json(p) for p in st.parity],
+                }
+                for st in self.stripes
+            ]
         return doc
 
     @classmethod
@@ -226,6 +269,13 @@ def _block_json(b: BlockRef) -> dict[str, Any]:
         out["sha256"] = b.sha256
     if b.copies:
         out["copies"] = list(b.copies)
+    return out
+
+
+def _parity_json(p: ParityRef) -> dict[str, Any]:
+    out: dict[str, Any] = {"source": p.source, "key": p.key, "crc32c": f"{p.crc32c:08x}"}
+    if p.sha256 is not None:
+        out["sha256"] = p.sha256
     return out
 
 
@@ -551,6 +601,8 @@ def _parse_manifest(data: bytes | str, name: str) -> Manifest:
         isinstance(signature, dict) and all(isinstance(v, str) for v in signature.values())
     ):
         raise ManifestError(f"{name}: 'signature' must map strings to strings")
+    overhead = 16 if encryption is not None else 0
+    parity, stripes = _parse_redundancy(doc, name, ids, blocks, block_size + overhead, overhead)
     return Manifest(
         mid,
         block_size,
@@ -564,4 +616,94 @@ def _parse_manifest(data: bytes | str, name: str) -> Manifest:
         encryption,
         mac,
         signature,
+        parity,
+        stripes,
     )
+
+
+def _hex8(raw: Any, where: str) -> int:
+    if isinstance(raw, str) and _HEX8.fullmatch(raw):
+        return int(raw, 16)
+    raise ManifestError(f"{where}: crc32c {raw!r} must be 8 hex digits")
+
+
+def _sha(raw: Any, where: str) -> str | None:
+    if raw is not None and not (isinstance(raw, str) and re.fullmatch(r"[0-9a-f]{64}", raw)):
+        raise ManifestError(f"{where}: sha256 must be 64 lowercase hex digits")
+    return raw
+
+
+def _parse_redundancy(
+    doc: Mapping[str, Any],
+    name: str,
+    ids: set[str],
+    blocks: Sequence[BlockRef],
+    max_length: int,
+    overhead: int,
+) -> tuple[int, tuple[Stripe, ...]]:
+    """The parity scheme and its stripes: every data block in exactly one stripe, sources distinct."""
+    red = doc.get("redundancy")
+    if red is None:
+        if "stripes" in doc:
+            raise ManifestError(f"{name}: 'stripes' given without 'redundancy'")
+        return 0, ()
+    if not isinstance(red, dict):
+        raise ManifestError(f"{name}: 'redundancy' must be an object")
+    _only(red, {"scheme", "parity"}, f"{name}: redundancy")
+    if red.get("scheme") != REDUNDANCY_SCHEME:
+        raise ManifestError(f"{name}: redundancy scheme {red.get('scheme')!r} is not {REDUNDANCY_SCHEME!r}")
+    parity = _nonneg(red, "parity", f"{name}: redundancy")
+    if not 1 <= parity < MAX_STRIPE_WIDTH:
+        raise ManifestError(f"{name}: redundancy parity must be in 1..{MAX_STRIPE_WIDTH - 1}, got {parity}")
+    owner: dict[int, int] = {}
+    stripes: list[Stripe] = []
+    for si, st in enumerate(_req(doc, "stripes", list, name)):
+        where = f"{name}: stripes[{si}]"
+        if not isinstance(st, dict):
+            raise ManifestError(f"{where}: must be an object")
+        _only(st, {"blocks", "length", "parity"}, where)
+        members = _req(st, "blocks", list, where)
+        if not members or len(members) + parity > MAX_STRIPE_WIDTH:
+            raise ManifestError(f"{where}: needs 1..{MAX_STRIPE_WIDTH - parity} data blocks")
+        length = _nonneg(st, "length", where)
+        if not 0 < length <= max_length:
+            raise ManifestError(f"{where}: length {length} must be in 1..{max_length}")
+        used: set[str] = set()
+        for b in members:
+            if type(b) is not int or not 0 <= b < len(blocks):
+                raise ManifestError(f"{where}: block {b!r} is not a block index")
+            if b in owner:
+                raise ManifestError(f"{where}: block {b} is already in stripe {owner[b]}")
+            owner[b] = si
+            ref = blocks[b]
+            if ref.copies or ref.key_offset or ref.crc32c is None:
+                raise ManifestError(f"{where}: block {b} cannot be striped (copies, key_offset or no crc32c)")
+            if ref.length + overhead > length:
+                raise ManifestError(f"{where}: block {b} is longer than the stripe length {length}")
+            if ref.source in used:
+                raise ManifestError(f"{where}: two blocks of the stripe on source {ref.source!r}")
+            used.add(ref.source)
+        refs: list[ParityRef] = []
+        raw_parity = _req(st, "parity", list, where)
+        if len(raw_parity) != parity:
+            raise ManifestError(f"{where}: {len(raw_parity)} parity blocks, redundancy says {parity}")
+        for pi, p in enumerate(raw_parity):
+            pw = f"{where}.parity[{pi}]"
+            if not isinstance(p, dict):
+                raise ManifestError(f"{pw}: must be an object")
+            _only(p, {"source", "key", "crc32c", "sha256"}, pw)
+            src = _req(p, "source", str, pw)
+            if src not in ids:
+                raise ManifestError(f"{pw}: unknown source {src!r}")
+            if src in used:
+                raise ManifestError(f"{pw}: two blocks of the stripe on source {src!r}")
+            used.add(src)
+            key = _req(p, "key", str, pw)
+            if not _key_ok(key):
+                raise ManifestError(f"{pw}: key {key!r} is not a safe relative path")
+            refs.append(ParityRef(src, key, _hex8(p.get("crc32c"), pw), _sha(p.get("sha256"), pw)))
+        stripes.append(Stripe(si, tuple(members), length, tuple(refs)))
+    if len(owner) != len(blocks):
+        lost = next(i for i in range(len(blocks)) if i not in owner)
+        raise ManifestError(f"{name}: block {lost} belongs to no stripe")
+    return parity, tuple(stripes)

@@ -21,7 +21,7 @@ from ._plan import plan_load
 from ._ring import Ring, RingStatistics
 from ._scheduler import BlockReader, unwrap_group
 from ._threads import run_sync
-from ._writer import Progress, TensorsInput, save_tensors
+from ._writer import Progress, SavedPath, TensorsInput, save_tensors
 from .sources import Source, SourceStatistics
 
 if TYPE_CHECKING:
@@ -351,7 +351,8 @@ async def save(
     key: Any | None = None,
     sign_key: Any | None = None,
     replicas: int = 1,
-) -> str:
+    parity: int = 0,
+) -> SavedPath:
     """Write ``tensors`` as blocks over ``sources`` and commit a manifest at ``path``.
 
     ``tensors`` is a mapping or an (async) iterable of ``(name, array)``; arrays
@@ -382,5 +383,6 @@ async def save(
         key=key,
         sign_key=sign_key,
         replicas=replicas,
+        parity=parity,
     )
-    return os.fspath(out)
+    return out

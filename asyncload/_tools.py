@@ -18,7 +18,7 @@ from ._inputs import Opened, open_input
 from ._ring import Ring, Slot
 from ._scheduler import BlockReader, unwrap_group
 from ._threads import run_sync
-from ._writer import Progress, pack_opened
+from ._writer import Progress, SavedPath, pack_opened
 from .sources._local import fsync_dir, makedirs_private
 
 if TYPE_CHECKING:
@@ -57,7 +57,8 @@ async def pack(
     key: Any | None = None,
     sign_key: Any | None = None,
     replicas: int = 1,
-) -> str:
+    parity: int = 0,
+) -> SavedPath:
     """Cut a ``.safetensors`` file or HF directory into blocks over the ``to`` directories.
 
     Block i goes to directory i mod k. The manifest (default:
@@ -86,8 +87,9 @@ async def pack(
         key=key,
         sign_key=sign_key,
         replicas=replicas,
+        parity=parity,
     )
-    return os.fspath(out)
+    return out
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.abc
+import crc32c as _crc32c
 import numpy as np
 
 from ._config import Limits
 from ._dtypes import dtype_from_numpy
-from ._exceptions import FormatError
-from ._format import BlockRef, FileEntry, Manifest, SourceRef, build_header, parse_header
+from ._exceptions import FormatError, IntegrityError, SourceError
+from ._format import BlockRef, FileEntry, Manifest, ParityRef, SourceRef, Stripe, build_header, parse_header
 from ._inputs import Opened
 from ._plan import place_blocks
 from ._ring import Ring, Slot
@@ -36,7 +38,7 @@ from .sources._open import is_remote, source_for, write_object
 if TYPE_CHECKING:
     from ._security import BlockCipher
 
-__all__ = ["ScatterWriter", "commit_manifest", "pack_opened", "save_tensors"]
+__all__ = ["SavedPath", "ScatterWriter", "commit_manifest", "content_key", "pack_opened", "save_tensors"]
 
 Progress = Callable[[int], None]
 TensorsInput = (
@@ -45,10 +47,46 @@ TensorsInput = (
 
 
 _LATE = 1_000_000_000  # tag base for data blocks whose stream index is fixed only at the end
+_VERIFY_CHUNK = 1 << 20  # bytes read at a time when checking a block that is already stored
+
+
+def content_key(sha256: str) -> str:
+    """The key of a stored block: its SHA-256, fanned out over 256 directories.
+
+    Content addressing makes a save resumable (a block already stored under its
+    key is not written again) and deduplicates blocks that versions share.
+    """
+    return f"{sha256[:2]}/{sha256}"
+
+
+class _Member:
+    """A filled slot waiting to be written, alone or as part of a stripe."""
+
+    __slots__ = ("offset", "progress", "slot", "stored", "tag")
+
+    def __init__(self, tag: int, offset: int, slot: Slot, progress: Progress | None) -> None:
+        self.tag = tag
+        self.offset = offset
+        self.slot = slot
+        self.progress = progress
+        self.stored = 0
 
 
 class ScatterWriter:
-    """Writes filled slots as blocks, concurrently, one limiter per source."""
+    """Writes filled slots as blocks, concurrently, one limiter per source.
+
+    Without parity each block goes to ``replicas`` consecutive sources. With
+    ``parity`` P, data blocks are grouped into stripes of up to ``k - P``
+    blocks (in the order they are submitted, or by ``stripe_of``); each stripe
+    is written with its P Reed-Solomon parity blocks, every block of the stripe
+    on a different source (positions rotate from stripe to stripe so parity
+    spreads evenly). A stripe's data slots are held until its parity is
+    computed; parity is computed into ``parity_ring`` (P slots of the budget).
+
+    Block keys are content addresses (:func:`content_key`): a block that a
+    source already holds, with the right length and checksum, is not written
+    again; :attr:`bytes_reused` counts those bytes.
+    """
 
     def __init__(
         self,
@@ -59,16 +97,28 @@ class ScatterWriter:
         cipher: BlockCipher | None = None,
         hash_blocks: bool = False,
         replicas: int = 1,
+        parity: int = 0,
+        parity_ring: Ring | None = None,
     ) -> None:
-        if not 1 <= replicas <= len(sources):
+        k = len(sources)
+        if not 1 <= replicas <= k:
+            raise FormatError(f"replicas must be between 1 and the number of sources ({k}), got {replicas}")
+        if parity and replicas > 1:
+            raise FormatError("replicas and parity cannot be combined: choose one redundancy scheme")
+        if not 0 <= parity < k:
             raise FormatError(
-                f"replicas must be between 1 and the number of sources ({len(sources)}), got {replicas}"
+                f"parity must be between 0 and the number of sources minus one ({k - 1}), got {parity}"
             )
+        if parity and (parity_ring is None or parity_ring.statistics().slots_total < parity):
+            raise ValueError("parity needs a parity ring of at least `parity` slots")
         self.replicas = replicas
+        self.parity = parity
+        self.data_per_stripe = k - parity
+        self.parity_ring = parity_ring
         self.limits = limits
         self.sources = list(sources)
         self.cipher = cipher
-        self.hash_blocks = hash_blocks  # SHA-256 per block, for a manifest that will be signed
+        self.hash_blocks = hash_blocks  # record SHA-256 in the manifest (for a signature)
         self.ring = ring
         self.limiters = {s.id: anyio.CapacityLimiter(limits.reads_per_source) for s in self.sources}
         self.ckpt_id = ckpt_id
@@ -76,59 +126,210 @@ class ScatterWriter:
         for s in self.sources:
             s.threads = self.threads
         self.blocks: dict[int, BlockRef] = {}
-        self.bytes_written = 0
+        self.stripes: list[tuple[tuple[int, ...], int, tuple[ParityRef, ...]]] = []  # tags, length, parity
+        self._open: dict[int, list[_Member]] = {}  # stripe group -> members so far
+        self._group_sizes: dict[int, int] = {}
+        self._next_group = 0
+        self._stripe_no = 0
+        self.bytes_written = 0  # stored bytes sent to sources (every copy and parity block)
+        self.bytes_reused = 0  # stored bytes found already in place (not written again)
+        self.blocks_reused = 0
 
-    async def _write(
-        self,
-        tag: int,
-        srcs: list[Source],
-        key: str,
-        offset: int,
-        slot: Slot,
-        progress: Progress | None,
-    ) -> None:
+    # -- one stored object on one source ---------------------------------------------
+    async def _already_stored(self, src: Source, key: str, data: memoryview, crc: int) -> bool:
+        """True when ``src`` holds ``key`` with exactly these bytes' length and crc32c."""
         try:
-            length = slot.used
-            stored = length
-            if self.cipher is not None:  # tag = the block's stream index, bound into its AAD
-                stored = await run_sync(self.cipher.seal, tag, slot.memory, length, limiter=self.threads)
-            data = slot.memory.data[:stored]
-            crc = await checksum(data, self.threads)  # over what is stored: repair needs no key
+            if await src.size(key) != len(data):
+                return False
+        except SourceError:
+            return False
+        scratch = bytearray(min(_VERIFY_CHUNK, max(1, len(data))))
+        view = memoryview(scratch)
+        value = 0
+        pos = 0
+        try:
+            while pos < len(data):
+                n = await src.read_into(key, pos, view[: min(len(view), len(data) - pos)])
+                if n <= 0:
+                    return False
+                value = int(_crc32c.crc32c(view[:n], value))
+                pos += n
+        except (SourceError, IntegrityError):
+            return False
+        return value == crc
 
-            async def put(src: Source) -> None:
-                async with self.limiters[src.id]:
-                    await src.write(key, data)
+    async def _put(self, src: Source, key: str, data: memoryview, crc: int) -> None:
+        async with self.limiters[src.id]:
+            if await self._already_stored(src, key, data, crc):
+                self.bytes_reused += len(data)
+                self.blocks_reused += 1
+                return
+            await src.write(key, data)
+            self.bytes_written += len(data)
 
+    async def _prepare(self, member: _Member) -> tuple[memoryview, int, str]:
+        """Seal (when encrypting) and hash one filled slot: (stored bytes, crc32c, sha256)."""
+        slot = member.slot
+        stored = slot.used
+        if self.cipher is not None:  # tag = the block's stream index, bound into its AAD
+            stored = await run_sync(
+                self.cipher.seal, member.tag, slot.memory, slot.used, limiter=self.threads
+            )
+        member.stored = stored
+        data = slot.memory.data[:stored]
+        crc = await checksum(data, self.threads)  # over what is stored: repair needs no key
+        sha = await run_sync(sha256_hex, data, limiter=self.threads)
+        return data, crc, sha
+
+    # -- plain and replicated blocks ---------------------------------------------------
+    async def _write_block(self, member: _Member, srcs: list[Source]) -> None:
+        try:
+            data, crc, sha = await self._prepare(member)
+            key = content_key(sha)
             async with anyio.create_task_group() as tg:  # every copy, concurrently
                 for src in srcs:
-                    tg.start_soon(put, src)
-            sha = await run_sync(sha256_hex, data, limiter=self.threads) if self.hash_blocks else None
-            copies = tuple(s.id for s in srcs[1:])
-            self.blocks[tag] = BlockRef(tag, srcs[0].id, key, offset, length, crc, sha256=sha, copies=copies)
-            self.bytes_written += stored * len(srcs)
-            if progress is not None:
-                progress(length)
+                    tg.start_soon(self._put, src, key, data, crc)
+            self.blocks[member.tag] = BlockRef(
+                member.tag,
+                srcs[0].id,
+                key,
+                member.offset,
+                member.slot.used,
+                crc,
+                sha256=sha if self.hash_blocks else None,
+                copies=tuple(s.id for s in srcs[1:]),
+            )
+            if member.progress is not None:
+                member.progress(member.slot.used)
         finally:
-            self.ring.release(slot)
+            self.ring.release(member.slot)
 
+    # -- stripes -----------------------------------------------------------------------
+    async def _write_stripe(self, members: list[_Member], stripe_no: int) -> None:
+        from .codecs import ErasureCode, encode_into
+
+        assert self.parity_ring is not None
+        parity_slots: list[Slot] = []
+        try:
+            k = len(self.sources)
+            prepared: list[tuple[memoryview, int, str]] = [(memoryview(b""), 0, "")] * len(members)
+
+            async def prep(i: int) -> None:
+                prepared[i] = await self._prepare(members[i])
+
+            async with anyio.create_task_group() as tg:
+                for i in range(len(members)):
+                    tg.start_soon(prep, i)
+            length = max(m.stored for m in members)
+            for m in members:  # zero-pad shorter members for coding (nothing padded is stored)
+                m.slot.memory[m.stored : length] = 0
+            for _ in range(self.parity):
+                parity_slots.append(await self.parity_ring.acquire())
+            code = ErasureCode(len(members), self.parity)
+            await run_sync(
+                encode_into,
+                code,
+                [m.slot.memory.data[:length] for m in members],
+                [p.memory.data[:length] for p in parity_slots],
+                limiter=self.threads,
+            )
+            parity_refs: list[ParityRef] = []
+            puts: list[tuple[Source, str, memoryview, int]] = []
+            for pos, (m, (data, crc, sha)) in enumerate(zip(members, prepared, strict=True)):
+                src = self.sources[(stripe_no + pos) % k]
+                key = content_key(sha)
+                puts.append((src, key, data, crc))
+                self.blocks[m.tag] = BlockRef(
+                    m.tag, src.id, key, m.offset, m.slot.used, crc, sha256=sha if self.hash_blocks else None
+                )
+            for r, pslot in enumerate(parity_slots):
+                src = self.sources[(stripe_no + len(members) + r) % k]
+                pdata = pslot.memory.data[:length]
+                crc = await checksum(pdata, self.threads)
+                sha = await run_sync(sha256_hex, pdata, limiter=self.threads)
+                key = content_key(sha)
+                puts.append((src, key, pdata, crc))
+                parity_refs.append(ParityRef(src.id, key, crc, sha if self.hash_blocks else None))
+            async with anyio.create_task_group() as tg:
+                for put in puts:
+                    tg.start_soon(self._put, *put)
+            self.stripes.append((tuple(m.tag for m in members), length, tuple(parity_refs)))
+            for m in members:
+                if m.progress is not None:
+                    m.progress(m.slot.used)
+        finally:
+            for m in members:
+                self.ring.release(m.slot)
+            for pslot in parity_slots:
+                self.parity_ring.release(pslot)
+
+    # -- submission ----------------------------------------------------------------------
     def submit(
         self,
         tg: anyio.abc.TaskGroup,
         tag: int,
         source_index: int,
-        key: str,
         offset: int,
         slot: Slot,
         progress: Progress | None = None,
+        *,
+        group: int | None = None,
+        group_size: int | None = None,
     ) -> None:
         """Start writing ``slot`` (ownership passes to the writer, which releases it).
 
-        With ``replicas`` R the block goes to sources ``source_index .. source_index + R - 1``
-        (mod k), R distinct sources; the first is its primary.
+        Without parity, with ``replicas`` R the block goes to sources ``source_index ..
+        source_index + R - 1`` (mod k), R distinct sources; the first is its primary.
+        With parity the block joins a stripe: the open one (filled in submission
+        order, written when it holds ``k - P`` blocks or at :meth:`flush`), or
+        stripe ``group`` of ``group_size`` blocks when given (blocks may then
+        arrive in any order; the stripe is written when its last block arrives).
         """
-        k = len(self.sources)
-        srcs = [self.sources[(source_index + j) % k] for j in range(self.replicas)]
-        tg.start_soon(self._write, tag, srcs, f"{self.ckpt_id}/{key}", offset, slot, progress)
+        member = _Member(tag, offset, slot, progress)
+        if not self.parity:
+            k = len(self.sources)
+            srcs = [self.sources[(source_index + j) % k] for j in range(self.replicas)]
+            tg.start_soon(self._write_block, member, srcs)
+            return
+        if group is None:
+            group = self._next_group
+            size = self.data_per_stripe
+        else:
+            size = group_size or self.data_per_stripe
+        members = self._open.setdefault(group, [])
+        members.append(member)
+        self._group_sizes[group] = size
+        if len(members) >= size:
+            self._start_stripe(tg, group)
+
+    def _start_stripe(self, tg: anyio.abc.TaskGroup, group: int) -> None:
+        members = sorted(self._open.pop(group), key=lambda m: m.tag)
+        self._group_sizes.pop(group, None)
+        if group == self._next_group:
+            self._next_group += 1
+        tg.start_soon(self._write_stripe, members, self._stripe_no)
+        self._stripe_no += 1
+
+    def flush(self, tg: anyio.abc.TaskGroup) -> None:
+        """Write the open stripe even if it is short (end of the data, or before the header)."""
+        for group in sorted(self._open):
+            self._start_stripe(tg, group)
+        self._next_group = max(self._next_group, max(self._open, default=-1) + 1)
+
+    def release_pending(self) -> None:
+        """After a failure: give back the slots of stripes that were never started."""
+        for members in self._open.values():
+            for m in members:
+                self.ring.release(m.slot)
+        self._open.clear()
+
+    def manifest_stripes(self, index_of: Mapping[int, int]) -> tuple[Stripe, ...]:
+        """The stripes written, with member tags turned into block indices, ordered by first block."""
+        rows = sorted(
+            (tuple(sorted(index_of[t] for t in tags)), length, parity)
+            for tags, length, parity in self.stripes
+        )
+        return tuple(Stripe(i, members, length, parity) for i, (members, length, parity) in enumerate(rows))
 
     async def sync(self) -> None:
         async with anyio.create_task_group() as tg:
@@ -220,7 +421,8 @@ async def save_tensors(
     key: Any | None = None,
     sign_key: Any | None = None,
     replicas: int = 1,
-) -> Path:
+    parity: int = 0,
+) -> SavedPath:
     """Serialize tensors as a safetensors stream into slots, scatter, then commit.
 
     Without a key the input is consumed one tensor at a time and the header is
@@ -251,7 +453,9 @@ async def save_tensors(
         total = len(planned_header) + data_total
         table = parse_header(planned_header, file_size=total, name="new checkpoint")
         cipher, encryption = new_cipher_for(user_key, ckpt_id, max(count, 1), table.tensors)
-    writer = await _new_writer(srcs, limits, ckpt_id, cipher, sign_key=sign_key, replicas=replicas)
+    writer = await _new_writer(
+        srcs, limits, ckpt_id, cipher, sign_key=sign_key, replicas=replicas, parity=parity
+    )
     ring, limits = writer.ring, writer.limits
     # Stream index of data block d: known up front when the header is; else fixed at the end.
     first_data = _header_blocks(len(planned_header), m) if planned_header is not None else _LATE
@@ -259,9 +463,9 @@ async def save_tensors(
     seen: set[str] = set()
     data_pos = 0  # bytes of the data section serialized so far
     n_data = 0
+    slot: Slot | None = None
     try:
         async with anyio.create_task_group() as tg:
-            slot: Slot | None = None
             async for name, arr in _iterate(tensors):
                 if not isinstance(name, str) or name in seen or name == "__metadata__":
                     raise FormatError(f"tensor name {name!r} is not a string, is reserved, or repeats")
@@ -282,19 +486,19 @@ async def save_tensors(
                     data_pos += n
                     if slot.used == m:
                         writer.submit(
-                            tg, first_data + n_data, n_data % len(srcs), f"d{n_data:06d}", data_pos - m, slot,
-                            progress,
-                        )  # fmt: skip
+                            tg, first_data + n_data, n_data % len(srcs), data_pos - m, slot, progress
+                        )
                         n_data += 1
                         slot = None
             if slot is not None and slot.used:
                 writer.submit(
-                    tg, first_data + n_data, n_data % len(srcs), f"d{n_data:06d}", data_pos - slot.used, slot,
-                    progress,
-                )  # fmt: skip
+                    tg, first_data + n_data, n_data % len(srcs), data_pos - slot.used, slot, progress
+                )
                 n_data += 1
             elif slot is not None:
                 ring.release(slot)
+            slot = None
+            writer.flush(tg)  # the last data stripe; the header blocks stripe on their own
             header = build_header(entries, metadata)
             if planned_header is not None and header != planned_header:
                 raise FormatError("the tensors changed while they were being saved")
@@ -305,17 +509,24 @@ async def save_tensors(
                 chunk = header[pos : pos + m]
                 hslot.memory[: len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
                 hslot.used = len(chunk)
-                writer.submit(tg, n_head, n_head % len(srcs), f"h{n_head:03d}", pos, hslot, progress)
+                writer.submit(tg, n_head, n_head % len(srcs), pos, hslot, progress)
                 pos += len(chunk)
                 n_head += 1
+            writer.flush(tg)
         await writer.sync()
     except BaseExceptionGroup as eg:
         raise unwrap_group(eg) from None
+    finally:
+        if slot is not None:
+            ring.release(slot)
+        writer.release_pending()
     hsize = len(header)
     blocks: list[BlockRef] = []
+    index_of: dict[int, int] = {}
     for tag in sorted(writer.blocks):  # header blocks (tags 0..) sort before data blocks
         b = writer.blocks[tag]
         off = b.offset if tag < n_head else hsize + b.offset
+        index_of[tag] = len(blocks)
         blocks.append(dataclasses.replace(b, index=len(blocks), offset=off))
         if cipher is not None and tag != len(blocks) - 1:
             raise AssertionError(f"block {tag} was sealed for the wrong position {len(blocks) - 1}")
@@ -337,8 +548,10 @@ async def save_tensors(
         sources=tuple(_manifest_sources(sources, mpath.parent)),
         blocks=tuple(blocks),
         encryption=encryption,
+        parity=writer.parity,
+        stripes=writer.manifest_stripes(index_of),
     )
-    return await commit_manifest(mpath, _seal(manifest, cipher, sign_key))
+    return _saved(await commit_manifest(mpath, _seal(manifest, cipher, sign_key)), writer)
 
 
 async def _new_writer(
@@ -349,15 +562,55 @@ async def _new_writer(
     *,
     sign_key: Any | None,
     replicas: int,
+    parity: int,
 ) -> ScatterWriter:
-    """The ring and writer of one save or pack; slots carry the GCM tag when encrypting."""
+    """The rings and writer of one save or pack; slots carry the GCM tag when encrypting.
+
+    With parity P, P slots of the budget hold parity blocks being written; the
+    rest (at least k - P, by the budget rule S >= k x m) hold data blocks.
+    """
     if cipher is not None:
         limits = dataclasses.replace(limits, overhead=cipher.overhead)
         limits.check(len(sources))
-    ring = await run_sync(Ring, limits.slot_size, limits.slots)
+    if not 0 <= parity < len(sources):
+        raise FormatError(
+            f"parity must be between 0 and the number of sources minus one ({len(sources) - 1}), got {parity}"
+        )
+    ring = await run_sync(Ring, limits.slot_size, limits.slots - parity)
+    parity_ring = await run_sync(Ring, limits.slot_size, parity) if parity else None
     return ScatterWriter(
-        sources, ring, limits, ckpt_id, cipher, hash_blocks=sign_key is not None, replicas=replicas
+        sources,
+        ring,
+        limits,
+        ckpt_id,
+        cipher,
+        hash_blocks=sign_key is not None,
+        replicas=replicas,
+        parity=parity,
+        parity_ring=parity_ring,
     )
+
+
+class SavedPath(str):
+    """The manifest location a save or pack returns (a ``str``), with what it wrote and reused.
+
+    ``bytes_written`` counts stored bytes sent to sources (every copy and parity
+    block); ``bytes_reused`` and ``blocks_reused`` count stored blocks that a
+    source already held under their content key (a resumed save, or tensors
+    shared with an earlier version), which were therefore not written again.
+    """
+
+    bytes_written: int = 0
+    bytes_reused: int = 0
+    blocks_reused: int = 0
+
+
+def _saved(path: str | os.PathLike[str], writer: ScatterWriter) -> SavedPath:
+    out = SavedPath(os.fspath(path))
+    out.bytes_written = writer.bytes_written
+    out.bytes_reused = writer.bytes_reused
+    out.blocks_reused = writer.blocks_reused
+    return out
 
 
 def _seal(manifest: Manifest, cipher: BlockCipher | None, sign_key: Any | None) -> Manifest:
@@ -381,7 +634,8 @@ async def pack_opened(
     key: Any | None = None,
     sign_key: Any | None = None,
     replicas: int = 1,
-) -> Path:
+    parity: int = 0,
+) -> SavedPath:
     """Copy an in-place input (safetensors file or HF directory) into a block store."""
     dest = _open_sources(sources)
     limits.check(len(dest))
@@ -395,29 +649,38 @@ async def pack_opened(
 
         user_key = await aload_key(key)
         cipher, encryption = new_cipher_for(user_key, ckpt_id, len(src_man.blocks), src_man.tensors)
-    writer = await _new_writer(dest, limits, ckpt_id, cipher, sign_key=sign_key, replicas=replicas)
+    writer = await _new_writer(
+        dest, limits, ckpt_id, cipher, sign_key=sign_key, replicas=replicas, parity=parity
+    )
     ring, limits = writer.ring, writer.limits
     reader = BlockReader.for_sources(ring, opened.sources, limits, writer.threads)
-    placement = place_blocks(len(src_man.blocks), len(dest))
+    n_blocks = len(src_man.blocks)
+    placement = place_blocks(n_blocks, len(dest))
+    per = writer.data_per_stripe
     try:
         async with anyio.create_task_group() as tg:
 
             async def on_block(block: BlockRef, slot: Slot) -> None:
+                # With parity, stripe g holds blocks g*D .. g*D+D-1 of the stream (in any arrival order).
+                g = block.index // per
                 writer.submit(
                     tg,
                     block.index,
                     placement[block.index],
-                    f"{block.index:06d}",
                     block.offset,
                     slot,
                     progress,
+                    group=g,
+                    group_size=min(per, n_blocks - g * per),
                 )
 
             await reader.run(src_man.blocks, on_block)
         await writer.sync()
     except BaseExceptionGroup as eg:
         raise unwrap_group(eg) from None
-    blocks = tuple(writer.blocks[i] for i in range(len(src_man.blocks)))
+    finally:
+        writer.release_pending()
+    blocks = tuple(writer.blocks[i] for i in range(n_blocks))
     manifest = Manifest(
         id=ckpt_id,
         block_size=limits.block_size,
@@ -427,5 +690,7 @@ async def pack_opened(
         sources=tuple(_manifest_sources(sources, mpath.parent)),
         blocks=blocks,
         encryption=encryption,
+        parity=writer.parity,
+        stripes=writer.manifest_stripes({i: i for i in range(n_blocks)}),
     )
-    return await commit_manifest(mpath, _seal(manifest, cipher, sign_key))
+    return _saved(await commit_manifest(mpath, _seal(manifest, cipher, sign_key)), writer)

@@ -108,14 +108,17 @@ async def cmd_pack(a: argparse.Namespace) -> int:
             key=key,
             sign_key=a.sign_key,
             replicas=a.replicas,
+            parity=a.parity,
         )
     finally:
         bar.close()
     dt = time.perf_counter() - t0
     size = opened.manifest.total_size
+    scheme = f", parity {a.parity}" if a.parity else (f", {a.replicas} replicas" if a.replicas > 1 else "")
+    reused = f"; {path.bytes_reused} bytes already stored, reused" if path.bytes_reused else ""
     print(
-        f"packed {size} bytes ({format_size(size)}) over {len(a.to)} sources in {dt:.2f} s "
-        f"({size / dt / 1e9:.2f} GB/s) -> {path}"
+        f"packed {size} bytes ({format_size(size)}) over {len(a.to)} sources{scheme} in {dt:.2f} s "
+        f"({size / dt / 1e9:.2f} GB/s) -> {path}{reused}"
     )
     return 0
 
@@ -382,6 +385,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         metavar="R",
         help="store every block on R distinct directories (default 1); loads read another copy on failure",
+    )
+    sp.add_argument(
+        "--parity",
+        type=int,
+        default=0,
+        metavar="P",
+        help="add P Reed-Solomon parity blocks to every stripe of k-P data blocks: any P of the k "
+        "sources may be lost (default 0)",
     )
     sp.add_argument("--key-file", metavar="PATH", help="32 raw bytes or 64 hex characters; implies --encrypt")
     sp.add_argument(

@@ -71,7 +71,8 @@ def source_dir(path: pathlib.Path, source_id: str) -> pathlib.Path:
 
 def data_blocks(m: Manifest) -> list[BlockRef]:
     """Blocks that carry tensor bytes (save() puts the header in its own blocks first)."""
-    return [b for b in m.blocks if b.key.rsplit("/", 1)[-1].startswith("d")]
+    data_start = min((t.begin for t in m.tensors), default=m.total_size)
+    return [b for b in m.blocks if b.offset >= data_start]
 
 
 def tensors_touching(m: Manifest, blocks: Sequence[BlockRef]) -> set[str]:
