@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
@@ -33,7 +34,7 @@ from ._scheduler import INLINE_BYTES, BlockReader, checksum, sha256_hex, unwrap_
 from ._threads import run_sync
 from .sources import Source
 from .sources._local import fsync_dir, makedirs_private, write_file_atomic
-from .sources._open import is_remote, source_for, write_object
+from .sources._open import is_remote, source_for, split_location, write_object
 
 if TYPE_CHECKING:
     from ._security import BlockCipher
@@ -337,16 +338,41 @@ class ScatterWriter:
                 tg.start_soon(s.sync)
 
 
-def _manifest_sources(sources: Sequence[str | os.PathLike[str]], manifest_dir: Path) -> list[SourceRef]:
+def _manifest_sources(
+    sources: Sequence[str | os.PathLike[str]], manifest_dir: str | os.PathLike[str]
+) -> list[SourceRef]:
+    """Source locations as the manifest records them, relative to ``manifest_dir`` where possible.
+
+    Local sources beside a local manifest, and URLs under a remote manifest's own URL, are
+    recorded relative, so the tree can be copied elsewhere; a local source of a remote
+    manifest is recorded as an absolute path.
+    """
+    base = os.fspath(manifest_dir)
     refs = []
     for i, loc in enumerate(sources):
         if is_remote(loc):
-            refs.append(SourceRef(f"s{i}", os.fspath(loc)))
+            refs.append(SourceRef(f"s{i}", _relative_url(os.fspath(loc), base)))
             continue
         p = Path(os.fspath(loc)).expanduser()
-        location = str(p) if p.is_absolute() else os.path.relpath(p.resolve(), manifest_dir.resolve())
+        if is_remote(base):
+            location = str(p.resolve())
+        else:
+            location = str(p) if p.is_absolute() else os.path.relpath(p.resolve(), Path(base).resolve())
         refs.append(SourceRef(f"s{i}", location))
     return refs
+
+
+def _relative_url(location: str, base: str) -> str:
+    """``location`` relative to the remote ``base`` when it lies under it (same scheme and host)."""
+    u, b = urlsplit(location), urlsplit(base)
+    if not is_remote(base) or (u.scheme, u.netloc) != (b.scheme, b.netloc) or u.query or b.query:
+        return location
+    prefix = b.path.rstrip("/") + "/"
+    path = u.path.rstrip("/")
+    if not path.startswith(prefix) or path == prefix.rstrip("/"):
+        return location
+    rel = path[len(prefix) :]
+    return location if rel.startswith("/") or ".." in rel.split("/") else rel
 
 
 def _write_manifest_sync(path: Path, data: bytes) -> None:
@@ -355,14 +381,15 @@ def _write_manifest_sync(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-async def commit_manifest(path: str | os.PathLike[str], manifest: Manifest) -> Path:
+async def commit_manifest(path: str | os.PathLike[str], manifest: Manifest) -> str | Path:
     """Atomically replace the manifest at ``path`` (temp file, fsync, rename, fsync dir).
 
-    A remote ``path`` (URL) is written with one PUT of the whole manifest, after every block.
+    A remote ``path`` (URL) is written with one PUT of the whole manifest, after every block,
+    and returned as the URL string (a ``Path`` would fold its ``//``).
     """
     if is_remote(path):
         await write_object(os.fspath(path), manifest.to_json())
-        return Path(os.fspath(path))  # TODO(remote): return the location string
+        return os.fspath(path)
     p = Path(os.fspath(path))
     await run_sync(_write_manifest_sync, p, manifest.to_json())
     return p
@@ -433,7 +460,8 @@ async def save_tensors(
     """
     srcs = _open_sources(sources)
     limits.check(len(srcs))
-    mpath = Path(os.fspath(manifest_path))
+    mpath = os.fspath(manifest_path)  # a path or a URL
+    mdir, mname = split_location(mpath)
     ckpt_id = uuid.uuid4().hex
     m = limits.block_size
     cipher = None
@@ -538,14 +566,14 @@ async def save_tensors(
         total_size=total,
         files=(
             FileEntry(
-                mpath.name.removesuffix(".json").removesuffix(".asyncload") + ".safetensors",
+                mname.removesuffix(".json").removesuffix(".asyncload") + ".safetensors",
                 0,
                 total,
                 "safetensors",
             ),
         ),
         tensors=hdr.tensors,
-        sources=tuple(_manifest_sources(sources, mpath.parent)),
+        sources=tuple(_manifest_sources(sources, mdir)),
         blocks=tuple(blocks),
         encryption=encryption,
         parity=writer.parity,
@@ -640,7 +668,8 @@ async def pack_opened(
     dest = _open_sources(sources)
     limits.check(len(dest))
     src_man = opened.manifest
-    mpath = Path(os.fspath(manifest_path))
+    mpath = os.fspath(manifest_path)  # a path or a URL
+    mdir = split_location(mpath)[0]
     ckpt_id = uuid.uuid4().hex
     cipher = encryption = None
     if key is not None:
@@ -687,7 +716,7 @@ async def pack_opened(
         total_size=src_man.total_size,
         files=src_man.files,
         tensors=src_man.tensors,
-        sources=tuple(_manifest_sources(sources, mpath.parent)),
+        sources=tuple(_manifest_sources(sources, mdir)),
         blocks=blocks,
         encryption=encryption,
         parity=writer.parity,
