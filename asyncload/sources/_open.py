@@ -48,12 +48,14 @@ def split_location(location: str) -> tuple[str, str]:
 def join_location(base: str, location: str) -> str:
     """Resolve a source ``location`` from a manifest against the manifest's ``base`` location.
 
-    Absolute paths and URLs stay as they are; a relative location joins the
-    base, so a store copied to a web root or a bucket loads unchanged.
+    Absolute paths and URLs stay as they are (an absolute path is a local
+    directory even under a remote manifest: a store mixing a local disk and a
+    server); a relative location joins the base, so a store copied to a web
+    root or a bucket loads unchanged.
     """
     if is_remote(location):
         return location
-    if os.path.isabs(os.path.expanduser(location)) and not is_remote(base):
+    if os.path.isabs(os.path.expanduser(location)):
         return os.path.expanduser(location)
     if is_remote(base):
         u = urlsplit(base)
