@@ -8,8 +8,8 @@
 # static files (ranged GETs, sendfile); the whole root also accepts WebDAV PUT and DELETE
 # (`create_full_put_path` makes parent dirs; a PUT lands in a temp file under DIR and is
 # renamed into place, so an object appears whole or not at all). No body-size limit.
-# NGINX_WORKERS (default 1) sets worker_processes. NGINX (default: nginx on PATH, else
-# /usr/sbin/nginx) picks the binary.
+# NGINX_WORKERS (default 1) sets worker_processes. NGINX_BIN (default: nginx on PATH, else
+# /usr/sbin/nginx) picks the binary. (Not NGINX: nginx itself reads that variable.)
 set -euo pipefail
 if [ $# -ne 2 ]; then
     echo "usage: $0 DIR PORT" >&2
@@ -17,7 +17,7 @@ if [ $# -ne 2 ]; then
 fi
 dir=$(mkdir -p "$1" && cd "$1" && pwd)
 port=$2
-nginx=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
+nginx=${NGINX_BIN:-$(command -v nginx || echo /usr/sbin/nginx)}
 if [ ! -x "$nginx" ]; then
     echo "nginx not found (install it: scripts/install-servers.sh)" >&2
     exit 3
@@ -62,7 +62,11 @@ http {
 }
 CONF
 "$nginx" -p "$dir" -c "$dir/nginx.conf" -e "$dir/logs/error.log" -t -q
-"$nginx" -p "$dir" -c "$dir/nginx.conf" -e "$dir/logs/error.log"
+# The daemon must not hold the caller's stdout/stderr open (a caller reading them would wait forever).
+"$nginx" -p "$dir" -c "$dir/nginx.conf" -e "$dir/logs/error.log" </dev/null >>"$dir/logs/start.log" 2>&1 || {
+    cat "$dir/logs/start.log" >&2
+    exit 1
+}
 # Wait (bounded) until it answers; curl when present, else bash's /dev/tcp.
 for _ in $(seq 1 100); do
     if command -v curl >/dev/null 2>&1; then

@@ -7,7 +7,8 @@
   the test's own event loop and can misbehave on purpose: answer 404/403, close mid-body, stall
   until released, fail the first attempt of every request with 503.
 
-Test modules import the fixtures they use: ``from _servers import nginx  # noqa: F401``.
+Test modules import the fixtures they use: ``from _servers import nginx_fixture  # noqa: F401``
+(the fixture's name is ``nginx``).
 A fixture ``s3_server`` here, if present, is picked up by tests/test_conformance.py.
 """
 
@@ -77,7 +78,7 @@ def start_nginx(dir: pathlib.Path, *, workers: int = 1) -> Nginx:
     exe = find_nginx()
     if exe is None:
         missing("nginx")
-    env = {**os.environ, "NGINX": str(exe), "NGINX_WORKERS": str(workers)}
+    env = {**os.environ, "NGINX_BIN": str(exe), "NGINX_WORKERS": str(workers)}
     last = ""
     for _ in range(5):
         port = free_port()
@@ -99,8 +100,8 @@ def stop_nginx(dir: pathlib.Path) -> None:
     subprocess.run(["bash", str(SCRIPTS / "nginx-down.sh"), str(dir)], check=False, timeout=60)
 
 
-@pytest.fixture(scope="session")
-def nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
+@pytest.fixture(scope="session", name="nginx")
+def nginx_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
     """One private nginx for the whole session (stopped at its end)."""
     dir = tmp_path_factory.mktemp("nginx")
     server = start_nginx(dir)
@@ -120,7 +121,8 @@ class ObjectServer:
     ``mode``: ``"ok"``; ``"404"``/``"403"`` answer every request so; ``"close"`` sends the head
     and half of each GET body, then closes; ``"stall"`` sends the head and half of each GET body,
     then waits until :attr:`release` is set; ``"503-first"`` answers the first attempt of each
-    distinct request 503 and serves the retries. ``requests`` counts what arrived, and
+    distinct request 503 and serves the retries; ``"norange"`` ignores Range (always 200 and the
+    whole object, as some servers do). ``requests`` counts what arrived, and
     ``authorization`` keeps the Authorization headers seen.
     """
 
@@ -233,7 +235,7 @@ class ObjectServer:
             await self._send(conn, writer, 200, [("Content-Length", str(len(data)))], head=True)
             return True
         status, part, extra = 200, data, []
-        if rng.startswith("bytes="):
+        if rng.startswith("bytes=") and self.mode != "norange":
             a_s, _, b_s = rng[6:].partition("-")
             a = int(a_s)
             b = min(int(b_s), len(data) - 1) if b_s else len(data) - 1
@@ -262,14 +264,17 @@ async def object_server(
     """Run an :class:`ObjectServer` on a free loopback port in the current loop; stop it after."""
     srv = ObjectServer(objects=dict(objects or {}), mode=mode)
     tasks: set[asyncio.Task[None]] = set()
+    writers: set[asyncio.StreamWriter] = set()
 
     async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         tasks.add(task)
+        writers.add(w)
         try:
             await srv._handle(r, w)
         finally:
+            writers.discard(w)
             tasks.discard(task)
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
@@ -277,10 +282,11 @@ async def object_server(
     try:
         yield srv
     finally:
+        # Let every handler end by itself: release stalls, close their connections.
         srv.release.set()
         server.close()
-        for t in list(tasks):
-            t.cancel()
+        for w in list(writers):
+            w.close()
         if tasks:
             await asyncio.wait(list(tasks), timeout=10)
         await server.wait_closed()

@@ -121,6 +121,7 @@ class HttpSource(Source):
         body: memoryview | None = None,
         sink: memoryview | None = None,
         skip: int = 0,
+        whole_skip: int | None = None,
     ) -> Response:
         """One request with retries; a response is returned for any status that is not retried."""
         target = self._target(key)
@@ -129,7 +130,7 @@ class HttpSource(Source):
         while True:
             try:
                 outcome: HttpFailure | Response = await self._attempt(
-                    method, target, headers, body, sink, skip
+                    method, target, headers, body, sink, skip, whole_skip
                 )
             except HttpFailure as e:
                 outcome = e
@@ -156,6 +157,7 @@ class HttpSource(Source):
         body: memoryview | None,
         sink: memoryview | None,
         skip: int,
+        whole_skip: int | None,
     ) -> Response:
         """One try on a pooled connection; a kept-alive one the server had dropped is replaced once."""
         pool = self._get_pool()
@@ -164,7 +166,7 @@ class HttpSource(Source):
             conn = await pool.acquire(fresh=fresh)
             reuse = False
             try:
-                fut = conn.start(sink, skip)
+                fut = conn.start(sink, skip, whole_skip)
                 conn.send(method, target, headers, body)
                 resp = await wait_response(conn, fut, self.timeouts)
                 reuse = True
@@ -213,7 +215,7 @@ class HttpSource(Source):
     async def _get_range(self, key: str, offset: int, buf: memoryview) -> tuple[int, int | None]:
         """One ranged GET into ``buf``: (bytes stored, object size if the server said)."""
         rng = f"bytes={offset}-{offset + len(buf) - 1}".encode()
-        resp = await self._request(b"GET", key, extra=((b"range", rng),), sink=buf, skip=0)
+        resp = await self._request(b"GET", key, extra=((b"range", rng),), sink=buf, whole_skip=offset)
         if resp.status == 206:
             start, end, total = _content_range(resp.headers.get(b"content-range"))
             if start != offset or end is None or end < start or end >= offset + len(buf):

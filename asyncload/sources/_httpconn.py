@@ -79,6 +79,7 @@ class Connection(asyncio.BufferedProtocol):
         self._length = 0  # Content-Length in fast mode
         self._buf: memoryview = memoryview(b"")
         self._skip = 0  # body offset of self._buf[0]
+        self._whole_skip = 0  # the same when the answer is 200 (whole object)
         self._keep = True
         self._got_bytes = False
         self._head = False  # the request was HEAD: no body follows whatever the headers say
@@ -146,8 +147,14 @@ class Connection(asyncio.BufferedProtocol):
         return None  # close the transport; connection_lost reports what that means
 
     # -- one request -------------------------------------------------------------------
-    def start(self, sink: memoryview | None, skip: int) -> asyncio.Future[Response]:
-        """Arm the connection for a response whose body bytes ``[skip, skip+len(sink))`` go to ``sink``."""
+    def start(
+        self, sink: memoryview | None, skip: int, whole_skip: int | None = None
+    ) -> asyncio.Future[Response]:
+        """Arm the connection for a response whose body bytes ``[skip, skip+len(sink))`` go to ``sink``.
+
+        ``whole_skip``: for a ranged GET, the offset to use instead when the server answers 200
+        with the whole object (it ignored the Range header).
+        """
         assert self._loop is not None
         self._h = h11.Connection(h11.CLIENT)
         self.used_before = self.used
@@ -158,6 +165,7 @@ class Connection(asyncio.BufferedProtocol):
         self._length = 0
         self._buf = sink if sink is not None else memoryview(b"")
         self._skip = skip
+        self._whole_skip = skip if whole_skip is None else whole_skip
         self._keep = True
         self._got_bytes = False
         self.last_progress = self._loop.time()
@@ -250,6 +258,8 @@ class Connection(asyncio.BufferedProtocol):
                 self._keep = False
             self._finish()
             return
+        if ev.status_code == 200:
+            self._skip = self._whole_skip
         te = headers.get(b"transfer-encoding")
         cl = headers.get(b"content-length")
         bodyless = self._head or ev.status_code in (204, 304)
@@ -377,5 +387,6 @@ async def wait_response(conn: Connection, fut: asyncio.Future[Response], timeout
             what = "body bytes" if conn._resp is not None else "response"
             kind = "stall" if conn._resp is not None else "first-byte"
             raise HttpFailure(f"no {what} for {limit:g} s ({kind} timeout)", retryable=False, timeout=True)
-        await asyncio.wait((fut,), timeout=left)
+        # Wake at least every min(timeouts): the head arriving switches which limit applies.
+        await asyncio.wait((fut,), timeout=min(left, timeouts.first_byte, timeouts.stall))
     return fut.result()
