@@ -1,7 +1,25 @@
-"""Helpers for testing code that uses asyncload (and asyncload itself)."""
+"""Helpers for testing code that uses asyncload (and asyncload itself).
+
+``FaultySource`` wraps a source and injects faults. ``SourceConformance`` is the
+conformance suite every source passes (subclass it in a pytest module); it
+needs pytest, so it is imported only when asked for.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ._faulty import FaultySource
 
-__all__ = ["FaultySource"]
+if TYPE_CHECKING:
+    from ._conformance import SourceConformance
+
+__all__ = ["FaultySource", "SourceConformance"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SourceConformance":
+        from ._conformance import SourceConformance
+
+        return SourceConformance
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
