@@ -11,8 +11,11 @@ from ._exceptions import BudgetError
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "DEFAULT_BUDGET",
+    "DEFAULT_HEDGE",
     "DEFAULT_READS_PER_SOURCE",
+    "DEFAULT_RETRIES",
     "DEFAULT_THREADS",
+    "DEFAULT_TIMEOUT",
     "MIN_BLOCK_SIZE",
     "Limits",
     "format_size",
@@ -27,6 +30,9 @@ DEFAULT_BLOCK_SIZE = 16 * MiB
 MIN_BLOCK_SIZE = 4 * KiB
 DEFAULT_BUDGET = 256 * MiB
 DEFAULT_READS_PER_SOURCE = 4
+DEFAULT_TIMEOUT = 60.0  # seconds one read attempt may take before it counts as failed
+DEFAULT_RETRIES = 2
+DEFAULT_HEDGE = 4.0
 # Worker threads for reads, checksums and copies: page-cache reads and memcpy are CPU
 # work, so more threads than cores only adds scheduling lag to the event loop.
 DEFAULT_THREADS = max(2, os.cpu_count() or 2)
@@ -91,6 +97,13 @@ class Limits:
     reads_per_source: int = DEFAULT_READS_PER_SOURCE
     threads: int = DEFAULT_THREADS
     overhead: int = 0  # bytes a stored block carries beyond m (the GCM tag of an encrypted store)
+    # Faults: one read attempt may take ``timeout`` seconds (None: no limit); a transient
+    # failure (not a missing block) is retried ``retries`` times with backoff and jitter when
+    # no other copy or parity can serve the block; with parity, a source whose reads take
+    # more than ``hedge`` times as long as its peers' is read around (0 turns that off).
+    timeout: float | None = DEFAULT_TIMEOUT
+    retries: int = DEFAULT_RETRIES
+    hedge: float = DEFAULT_HEDGE
 
     @property
     def slot_size(self) -> int:
@@ -104,6 +117,10 @@ class Limits:
             raise BudgetError(f"threads must be >= 1, got {self.threads}")
         if self.reads_per_source < 1:
             raise BudgetError(f"reads_per_source must be >= 1, got {self.reads_per_source}")
+        if self.timeout is not None and not self.timeout > 0:
+            raise BudgetError(f"timeout must be a positive number of seconds or None, got {self.timeout}")
+        if self.retries < 0 or self.hedge < 0:
+            raise BudgetError(f"retries and hedge must not be negative, got {self.retries}, {self.hedge}")
         need = sources * self.slot_size
         if self.budget < need:
             tag = f" + {self.overhead}-byte tag" if self.overhead else ""
@@ -116,3 +133,14 @@ class Limits:
     @property
     def slots(self) -> int:
         return self.budget // self.slot_size
+
+    def parity_slots(self, sources: int, parity: int) -> int:
+        """Slots of the budget set aside for parity blocks: P per stripe that may hold them at once.
+
+        Up to four stripes (as many as the budget has room for at k slots each)
+        hold parity at a time; the rest of the ring (at least k - P slots, by
+        the rule S >= k x m) holds data blocks.
+        """
+        if not parity:
+            return 0
+        return parity * max(1, min(4, self.slots // max(1, sources)))

@@ -13,14 +13,23 @@ import anyio.abc
 import numpy as np
 
 from ._assemble import AssemblyStatistics, TensorStream
-from ._config import DEFAULT_BLOCK_SIZE, DEFAULT_BUDGET, DEFAULT_THREADS, MIN_BLOCK_SIZE, Limits, parse_size
+from ._config import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_BUDGET,
+    DEFAULT_HEDGE,
+    DEFAULT_RETRIES,
+    DEFAULT_THREADS,
+    DEFAULT_TIMEOUT,
+    MIN_BLOCK_SIZE,
+    Limits,
+    parse_size,
+)
 from ._exceptions import BudgetError, ClosedError
 from ._format import Manifest, TensorInfo
 from ._inputs import Opened, open_input
 from ._plan import plan_load
 from ._ring import Ring, RingStatistics
-from ._scheduler import BlockReader, unwrap_group
-from ._threads import run_sync
+from ._scheduler import BlockReader, open_reader, unwrap_group
 from ._writer import Progress, SavedPath, TensorsInput, save_tensors
 from .sources import Source, SourceStatistics
 
@@ -50,7 +59,13 @@ class LoaderStatistics:
     bytes_read_per_source: Mapping[str, int]
     sources: Mapping[str, SourceStatistics]
     assembly: AssemblyStatistics | None  # the active stream's reservations, if any
-    ring: RingStatistics
+    ring: RingStatistics  # the data slots (slots_total etc. above include the parity slots)
+    rebuilt_blocks: int = 0  # blocks decoded from their stripe's other blocks and parity
+    hedged_reads: int = 0  # reads given up on or skipped because their source lagged or was down
+    read_retries: int = 0
+    read_timeouts: int = 0
+    slow_sources: tuple[str, ...] = ()  # sources read around right now: far slower than their peers
+    down_sources: tuple[str, ...] = ()  # sources whose last read failed
 
 
 def _in_place_block_size(budget: int) -> int:
@@ -78,6 +93,7 @@ class Model:
         self._sources: dict[str, Source] = opened.sources
         self._ring: Ring | None = None
         self._reader: BlockReader | None = None
+        self._parity_ring: Ring | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._stream: TensorStream | None = None
         self._closed = False
@@ -100,16 +116,10 @@ class Model:
             raise ClosedError("a Model can be entered once")
         self.limits.check(len(self._sources))
         # Allocating and touching S bytes takes long enough to stall the event loop: use a thread.
-        overhead = self.manifest.block_overhead
-        self._ring = await run_sync(Ring, self.limits.slot_size, self.limits.slots)
-        self._reader = BlockReader.for_sources(
-            self._ring,
-            self._sources,
-            self.limits,
-            cipher=self._cipher,
-            overhead=overhead,
-            verify_hashes=self._verify_hashes,
+        self._reader = await open_reader(
+            self.manifest, self._sources, self.limits, cipher=self._cipher, verify_hashes=self._verify_hashes
         )
+        self._ring, self._parity_ring = self._reader.ring, self._reader.parity_ring
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         return self
@@ -133,6 +143,8 @@ class Model:
             self._closed = True
             if self._ring is not None:
                 self._ring.close()
+            if self._parity_ring is not None:
+                self._parity_ring.close()
             with anyio.CancelScope(shield=True):
                 for s in self._sources.values():
                     await s.aclose()
@@ -208,15 +220,16 @@ class Model:
         if self._ring is None or self._reader is None:
             raise ClosedError("statistics() needs an open model")
         r = self._ring.statistics()
+        p = self._parity_ring.statistics() if self._parity_ring is not None else None
         rd = self._reader.statistics()
         srcs = {k: s.statistics() for k, s in self._sources.items()}
         return LoaderStatistics(
-            slots_total=r.slots_total,
-            slots_in_use=r.slots_in_use,
+            slots_total=r.slots_total + (p.slots_total if p else 0),
+            slots_in_use=r.slots_in_use + (p.slots_in_use if p else 0),
             slot_size=r.slot_size,
             budget=self.limits.budget,
-            bytes_in_slots=r.bytes_in_use,
-            peak_slots_in_use=r.peak_slots_in_use,
+            bytes_in_slots=r.bytes_in_use + (p.bytes_in_use if p else 0),
+            peak_slots_in_use=r.peak_slots_in_use + (p.peak_slots_in_use if p else 0),
             bytes_in_flight=rd.bytes_in_flight,
             reads_in_flight=rd.reads_in_flight,
             reads_waiting_for_slot=r.waiting,
@@ -228,6 +241,12 @@ class Model:
             sources=srcs,
             assembly=self._stream.statistics() if self._stream is not None else None,
             ring=r,
+            rebuilt_blocks=rd.rebuilt_blocks,
+            hedged_reads=rd.hedged_reads,
+            read_retries=rd.retries,
+            read_timeouts=rd.timeouts,
+            slow_sources=rd.slow_sources,
+            down_sources=rd.down_sources,
         )
 
     def __repr__(self) -> str:
@@ -258,6 +277,9 @@ class _Opener:
             reads_per_source=kw["reads_per_source"],
             threads=kw["threads"] or DEFAULT_THREADS,
             overhead=opened.manifest.block_overhead,
+            timeout=kw["timeout"],
+            retries=kw["retries"],
+            hedge=kw["hedge"],
         )
         cipher = None
         if kw["key"] is not None or kw["verify_key"] is not None or opened.manifest.encryption is not None:
@@ -292,6 +314,9 @@ def open(
     key: Any | None = None,
     verify_key: Any | None = None,
     wrap_source: Callable[[Source], Source] | None = None,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    retries: int = DEFAULT_RETRIES,
+    hedge: float = DEFAULT_HEDGE,
 ) -> _Opener:
     """Open a manifest, a ``.safetensors`` file or a Hugging Face directory for loading.
 
@@ -307,6 +332,13 @@ def open(
     ``open()`` never writes. ``wrap_source`` is a testing hook: each source is
     replaced by ``wrap_source(source)`` before any read (see
     :class:`asyncload.testing.FaultySource`).
+
+    Faults: one read attempt may take ``timeout`` seconds (``None``: no limit)
+    before it fails; a transient failure of a block that has no other copy or
+    parity is retried ``retries`` times with exponential backoff and jitter;
+    in a store with parity, a source whose reads take more than ``hedge`` times
+    as long as its peers' is read around (its blocks rebuilt from the others;
+    0 turns this off). See docs/reliability.md.
     """
     return _Opener(
         target,
@@ -318,6 +350,9 @@ def open(
         key=key,
         verify_key=verify_key,
         wrap_source=wrap_source,
+        timeout=timeout,
+        retries=retries,
+        hedge=hedge,
     )
 
 

@@ -13,6 +13,8 @@ reader's bookkeeping).
 from __future__ import annotations
 
 import hashlib
+import random
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -25,13 +27,15 @@ from ._exceptions import (
     AsyncloadError,
     AsyncloadErrorGroup,
     AuthenticationError,
+    BlockNotFoundError,
     ChecksumError,
     DecryptionError,
     IntegrityError,
     SourceError,
+    SourceUnavailableError,
     TruncatedBlockError,
 )
-from ._format import BlockRef
+from ._format import BlockRef, Manifest, Stripe
 from ._ring import Ring, Slot
 from ._threads import run_sync
 from .sources import Source
@@ -39,7 +43,7 @@ from .sources import Source
 if TYPE_CHECKING:
     from ._security import BlockCipher
 
-__all__ = ["BlockReader", "ReaderStatistics", "crc32c_of", "unwrap_group"]
+__all__ = ["BlockReader", "ReaderStatistics", "crc32c_of", "open_reader", "unwrap_group"]
 
 # Below this, hashing or copying on the event loop costs less than a thread hop.
 INLINE_BYTES = 64 * 1024
@@ -67,11 +71,45 @@ class ReaderStatistics:
     bytes_in_flight: int  # bytes of reads started and not yet landed
     reads_in_flight: int
     checksum_failures: int
-    degraded_reads: int  # blocks served by another copy after one failed
+    degraded_reads: int  # blocks served by another copy or rebuilt from parity after a failure
+    rebuilt_blocks: int = 0  # blocks decoded from their stripe (a subset of degraded_reads)
+    hedged_reads: int = 0  # reads given up on (or never issued) because their source lagged
+    retries: int = 0  # read attempts repeated after a transient failure
+    timeouts: int = 0  # read attempts that ran past the timeout
+    slow_sources: tuple[str, ...] = ()  # sources read around right now (far slower than peers)
+    down_sources: tuple[str, ...] = ()  # sources whose last read failed
+
+
+class _Health:
+    """What the reader has seen of one source: read speed (EWMA of seconds per byte) and failures."""
+
+    __slots__ = ("failures", "probe", "sec_per_byte", "slow")
+
+    def __init__(self) -> None:
+        self.sec_per_byte: float | None = None
+        self.failures = 0  # consecutive failed reads
+        self.slow = False
+        self.probe = 0  # units since the source was last read directly while slow or down
+
+    def record(self, seconds: float, nbytes: int) -> None:
+        if nbytes <= 0:
+            return
+        x = seconds / nbytes
+        self.sec_per_byte = x if self.sec_per_byte is None else 0.7 * self.sec_per_byte + 0.3 * x
+        self.failures = 0
+
+
+_PROBE_EVERY = 8  # while a source is read around, every 8th stripe still reads it (so it can recover)
 
 
 class BlockReader:
-    """Reads blocks from their sources into slots of ``ring``, checking every byte."""
+    """Reads blocks from their sources into slots of ``ring``, checking every byte.
+
+    With ``stripes`` (a manifest with parity), blocks are read stripe by
+    stripe: a block whose read fails, times out or lags far behind its peers is
+    rebuilt from the other blocks of its stripe and its parity, read into
+    ``parity_ring`` (P slots of the budget).
+    """
 
     def __init__(
         self,
@@ -82,6 +120,10 @@ class BlockReader:
         cipher: BlockCipher | None = None,
         overhead: int = 0,
         verify_hashes: bool = False,
+        limits: Limits | None = None,
+        stripes: Sequence[Stripe] = (),
+        parity_ring: Ring | None = None,
+        block_table: Sequence[BlockRef] = (),
     ) -> None:
         self.verify_hashes = verify_hashes  # a signed manifest: check every block's SHA-256
         self.ring = ring
@@ -89,16 +131,31 @@ class BlockReader:
         self.limiters = limiters
         self.threads = threads
         self.cipher = cipher
+        self.limits = limits or Limits()
         # Stored bytes beyond the stream bytes (GCM tag). Without a cipher (verify without
         # the key) the stored bytes are still read whole and checked against their crc32c.
         self.overhead = cipher.overhead if cipher is not None else overhead
         for s in sources.values():
             s.threads = threads
+        self.stripes = tuple(stripes)
+        self.parity_ring = parity_ring
+        self.block_table = tuple(block_table)  # every block of the manifest, by index
+        self._parity_lock = anyio.Lock()
+        if self.stripes and parity_ring is None:
+            raise ValueError("a reader of a striped manifest needs a parity ring")
+        self._stripe_of: dict[int, tuple[Stripe, int]] = {
+            b: (st, pos) for st in self.stripes for pos, b in enumerate(st.blocks)
+        }
+        self._health = {k: _Health() for k in sources}
         self._blocks_read = 0
         self._bytes_in_flight = 0
         self._reads_in_flight = 0
         self._checksum_failures = 0
         self._degraded_reads = 0
+        self._rebuilt = 0
+        self._hedged = 0
+        self._retries = 0
+        self._timeouts = 0
 
     @classmethod
     def for_sources(
@@ -110,11 +167,32 @@ class BlockReader:
         cipher: BlockCipher | None = None,
         overhead: int = 0,
         verify_hashes: bool = False,
+        stripes: Sequence[Stripe] = (),
+        parity_ring: Ring | None = None,
+        block_table: Sequence[BlockRef] = (),
     ) -> BlockReader:
         """A reader with one limiter per source and one worker-thread limiter, from ``limits``."""
         limiters = {k: anyio.CapacityLimiter(limits.reads_per_source) for k in sources}
         threads = threads or anyio.CapacityLimiter(limits.threads)
-        return cls(ring, sources, limiters, threads, cipher, overhead, verify_hashes)
+        return cls(
+            ring,
+            sources,
+            limiters,
+            threads,
+            cipher,
+            overhead,
+            verify_hashes,
+            limits,
+            stripes,
+            parity_ring,
+            block_table,
+        )
+
+    def close(self) -> None:
+        """Close the rings (waiters see :class:`~asyncload.ClosedError`)."""
+        self.ring.close()
+        if self.parity_ring is not None:
+            self.parity_ring.close()
 
     def statistics(self) -> ReaderStatistics:
         return ReaderStatistics(
@@ -123,20 +201,112 @@ class BlockReader:
             self._reads_in_flight,
             self._checksum_failures,
             self._degraded_reads,
+            self._rebuilt,
+            self._hedged,
+            self._retries,
+            self._timeouts,
+            tuple(sorted(k for k, h in self._health.items() if h.slow)),
+            tuple(sorted(k for k, h in self._health.items() if h.failures)),
         )
+
+    # -- one stored object ------------------------------------------------------------
+    async def _read_stored(
+        self, source_id: str, key: str, offset: int, buf: memoryview, what: str, *, retry: bool
+    ) -> int:
+        """Read ``buf`` from ``key`` on ``source_id`` under its limiter, with timeout and retries.
+
+        Retries (only when ``retry``: nothing else can serve these bytes) repeat
+        transient failures, never a missing key. Every attempt's duration feeds
+        the source's speed estimate; a failure marks the source down until a
+        read succeeds again.
+        """
+        source = self.sources[source_id]
+        health = self._health[source_id]
+        timeout = self.limits.timeout
+        attempts = 1 + (self.limits.retries if retry else 0)
+        for attempt in range(attempts):
+            if attempt:
+                self._retries += 1
+                await anyio.sleep(random.uniform(0, min(1.0, 0.05 * 2**attempt)))  # full jitter
+            self._bytes_in_flight += len(buf)
+            self._reads_in_flight += 1
+            try:
+                async with self.limiters[source_id]:
+                    t0 = time.monotonic()
+                    try:
+                        with anyio.fail_after(timeout):
+                            n = await source.read_into(key, offset, buf)
+                    except TimeoutError:
+                        self._timeouts += 1
+                        raise SourceUnavailableError(
+                            f"{what}: no answer from source {source_id!r} within {timeout:g} s"
+                        ) from None
+                    health.record(time.monotonic() - t0, n)
+                    return n
+            except BlockNotFoundError:
+                health.failures += 1
+                raise
+            except SourceError:
+                health.failures += 1
+                if attempt == attempts - 1:
+                    raise
+            finally:
+                self._bytes_in_flight -= len(buf)
+                self._reads_in_flight -= 1
+        raise AssertionError("unreachable")
+
+    async def _verify(self, what: str, data: memoryview, crc: int | None, sha: str | None) -> None:
+        if crc is not None:
+            got = await checksum(data, self.threads)
+            if got != crc:
+                self._checksum_failures += 1
+                raise ChecksumError(f"{what} is corrupt: crc32c {got:08x}, manifest says {crc:08x}")
+        if self.verify_hashes:
+            if sha is None:
+                raise AuthenticationError(f"{what} carries no sha256: its signature does not cover its bytes")
+            if await run_sync(sha256_hex, data, limiter=self.threads) != sha:
+                raise AuthenticationError(f"{what}: SHA-256 differs from the signed manifest (altered)")
+
+    def _where(self, block: BlockRef, source_id: str) -> str:
+        return f"block {block.index} ({block.key!r} on source {source_id!r})"
+
+    async def _fetch(self, block: BlockRef, source_id: str, slot: Slot, *, retry: bool) -> None:
+        """Read and verify the stored bytes of ``block`` from ``source_id`` (not yet decrypted)."""
+        stored = block.length + self.overhead  # an encrypted block carries its GCM tag
+        buf = slot.memory.data[:stored]
+        where = self._where(block, source_id)
+        n = await self._read_stored(source_id, block.key, block.key_offset, buf, where, retry=retry)
+        if n != stored:
+            raise TruncatedBlockError(f"{where} is truncated: read {n} of {stored} bytes")
+        slot.used = n
+        await self._verify(where, buf, block.crc32c, block.sha256)
+
+    async def _finish(self, block: BlockRef, source_id: str, slot: Slot) -> None:
+        """Decrypt a fetched block in place (when keyed) and mark the slot's stream bytes."""
+        stored = block.length + self.overhead
+        if self.cipher is None:
+            slot.used = block.length if self.overhead == 0 else stored
+        else:
+            try:
+                await run_sync(self.cipher.open, block.index, slot.memory, stored, limiter=self.threads)
+            except DecryptionError as e:
+                raise DecryptionError(f"{self._where(block, source_id)}: {e}") from None
+            slot.used = block.length
+        self._blocks_read += 1
 
     async def read_block(self, block: BlockRef, slot: Slot) -> None:
         """Fill ``slot`` with ``block``'s bytes, verified; raise an IntegrityError/SourceError otherwise.
 
         A block stored on several sources (``block.copies``) is read from the
-        next copy when one fails (missing, I/O error, wrong length, checksum or
-        tag): a degraded read, counted in :meth:`statistics`. Only when every
-        copy fails is the first error raised, with the others as notes.
+        next copy when one fails (missing, I/O error, timeout, wrong length,
+        checksum or tag): a degraded read, counted in :meth:`statistics`. Only
+        when every copy fails is the first error raised, with the others as notes.
         """
         errors: list[Exception] = []
-        for source_id in (block.source, *block.copies):  # primary first
+        copies = (block.source, *block.copies)  # primary first
+        for source_id in copies:
             try:
-                await self.read_copy(block, source_id, slot)
+                await self.read_copy(block, source_id, slot, retry=len(copies) == 1)
             except (SourceError, IntegrityError) as e:
                 errors.append(e)
                 continue
@@ -147,53 +317,21 @@ class BlockReader:
             errors[0].add_note(f"also: {other}")
         raise errors[0]
 
-    async def read_copy(self, block: BlockRef, source_id: str, slot: Slot) -> None:
-        """Read and verify the copy of ``block`` on ``source_id`` into ``slot``."""
-        source = self.sources[source_id]
-        stored = block.length + self.overhead  # an encrypted block carries its GCM tag
-        buf = slot.memory.data[:stored]
-        self._bytes_in_flight += block.length
-        self._reads_in_flight += 1
-        try:
-            async with self.limiters[source_id]:
-                n = await source.read_into(block.key, block.key_offset, buf)
-        finally:
-            self._bytes_in_flight -= block.length
-            self._reads_in_flight -= 1
-        if n != stored:
-            raise TruncatedBlockError(
-                f"block {block.index} ({block.key!r} on source {source_id!r}) is truncated: "
-                f"read {n} of {stored} bytes"
-            )
-        slot.used = n
-        if block.crc32c is not None:
-            got = await checksum(buf, self.threads)
-            if got != block.crc32c:
-                self._checksum_failures += 1
-                raise ChecksumError(
-                    f"block {block.index} ({block.key!r} on source {source_id!r}) is corrupt: "
-                    f"crc32c {got:08x}, manifest says {block.crc32c:08x}"
-                )
-        if self.verify_hashes:
-            where = f"block {block.index} ({block.key!r} on source {source_id!r})"
-            if block.sha256 is None:
-                raise AuthenticationError(
-                    f"{where} carries no sha256: its signature does not cover its bytes"
-                )
-            if await run_sync(sha256_hex, buf, limiter=self.threads) != block.sha256:
-                raise AuthenticationError(f"{where}: SHA-256 differs from the signed manifest (altered)")
-        if self.cipher is None:
-            slot.used = block.length if self.overhead == 0 else stored
-        else:
-            try:
-                await run_sync(self.cipher.open, block.index, slot.memory, stored, limiter=self.threads)
-            except DecryptionError as e:
-                raise DecryptionError(
-                    f"block {block.index} ({block.key!r} on source {source_id!r}): {e}"
-                ) from None
-            slot.used = block.length
-        self._blocks_read += 1
+    async def read_copy(self, block: BlockRef, source_id: str, slot: Slot, *, retry: bool = False) -> None:
+        """Read, verify and (when keyed) decrypt the copy of ``block`` on ``source_id`` into ``slot``."""
+        await self._fetch(block, source_id, slot, retry=retry)
+        await self._finish(block, source_id, slot)
 
+    async def read_parity(self, stripe: Stripe, r: int, buf: memoryview) -> None:
+        """Read and verify parity block ``r`` of ``stripe`` into ``buf`` (``stripe.length`` bytes)."""
+        p = stripe.parity[r]
+        where = f"parity block {r} of stripe {stripe.index} ({p.key!r} on source {p.source!r})"
+        n = await self._read_stored(p.source, p.key, 0, buf[: stripe.length], where, retry=False)
+        if n != stripe.length:
+            raise TruncatedBlockError(f"{where} is truncated: read {n} of {stripe.length} bytes")
+        await self._verify(where, buf[: stripe.length], p.crc32c, p.sha256)
+
+    # -- the driver ----------------------------------------------------------------------
     async def run(
         self,
         blocks: Sequence[BlockRef],
@@ -205,6 +343,11 @@ class BlockReader:
         every other read is cancelled and every slot still held here is released
         before the error propagates.
         """
+        if self.stripes:
+            from ._degraded import run_striped
+
+            await run_striped(self, blocks, on_block)
+            return
         held: dict[int, Slot] = {}
 
         async def one(block: BlockRef, slot: Slot) -> None:
@@ -228,6 +371,34 @@ class BlockReader:
             for slot in held.values():
                 self.ring.release(slot)
             held.clear()
+
+
+async def open_reader(
+    manifest: Manifest,
+    sources: Mapping[str, Source],
+    limits: Limits,
+    *,
+    cipher: BlockCipher | None = None,
+    verify_hashes: bool = False,
+) -> BlockReader:
+    """A reader for ``manifest`` with its own rings: data slots, and parity slots when striped.
+
+    The rings are allocated (and touched) in a worker thread; :meth:`BlockReader.close` frees them.
+    """
+    held_for_parity = limits.parity_slots(len(sources), manifest.parity)
+    ring = await run_sync(Ring, limits.slot_size, limits.slots - held_for_parity)
+    parity_ring = await run_sync(Ring, limits.slot_size, held_for_parity) if held_for_parity else None
+    return BlockReader.for_sources(
+        ring,
+        sources,
+        limits,
+        cipher=cipher,
+        overhead=manifest.block_overhead,
+        verify_hashes=verify_hashes,
+        stripes=manifest.stripes,
+        parity_ring=parity_ring,
+        block_table=manifest.blocks,
+    )
 
 
 def unwrap_group(exc: BaseException) -> BaseException:

@@ -116,6 +116,7 @@ class ScatterWriter:
         self.parity = parity
         self.data_per_stripe = k - parity
         self.parity_ring = parity_ring
+        self._parity_lock = anyio.Lock()
         self.limits = limits
         self.sources = list(sources)
         self.cipher = cipher
@@ -224,8 +225,9 @@ class ScatterWriter:
             length = max(m.stored for m in members)
             for m in members:  # zero-pad shorter members for coding (nothing padded is stored)
                 m.slot.memory[m.stored : length] = 0
-            for _ in range(self.parity):
-                parity_slots.append(await self.parity_ring.acquire())
+            async with self._parity_lock:  # all P at once: two stripes never hold part of the set each
+                for _ in range(self.parity):
+                    parity_slots.append(await self.parity_ring.acquire())
             code = ErasureCode(len(members), self.parity)
             await run_sync(
                 encode_into,
@@ -604,8 +606,9 @@ async def _new_writer(
         raise FormatError(
             f"parity must be between 0 and the number of sources minus one ({len(sources) - 1}), got {parity}"
         )
-    ring = await run_sync(Ring, limits.slot_size, limits.slots - parity)
-    parity_ring = await run_sync(Ring, limits.slot_size, parity) if parity else None
+    held_for_parity = limits.parity_slots(len(sources), parity)
+    ring = await run_sync(Ring, limits.slot_size, limits.slots - held_for_parity)
+    parity_ring = await run_sync(Ring, limits.slot_size, held_for_parity) if parity else None
     return ScatterWriter(
         sources,
         ring,

@@ -9,7 +9,7 @@ import re
 import anyio
 import numpy as np
 import pytest
-from _stores import KiB, assert_same, make_tensors, read_manifest, save_store, wait_until
+from _stores import KiB, assert_same, data_blocks, make_tensors, read_manifest, save_store, wait_until
 
 import asyncload
 from asyncload import BudgetError, LoaderStatistics
@@ -56,7 +56,7 @@ async def test_slow_consumer_gets_backpressure_not_unbounded_memory(tmp_path: pa
     tensors["big.embedding"] = np.arange(40 * KiB // 4, dtype=np.int32).reshape(-1, 16)  # > S
     path = await save_store(tmp_path, tensors, block_size=BLOCK, budget=64 * KiB)
     manifest = read_manifest(path)
-    n_blocks = sum(1 for b in manifest.blocks if b.key.rsplit("/", 1)[-1].startswith("d"))
+    n_blocks = len(data_blocks(manifest))
     assert n_blocks >= 150
 
     samples: list[LoaderStatistics] = []
