@@ -5,18 +5,16 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import anyio
-
 from ._config import DEFAULT_BLOCK_SIZE, DEFAULT_BUDGET, MIN_BLOCK_SIZE, Limits, parse_size
-from ._exceptions import BudgetError, FormatError, IntegrityError, SourceError
+from ._exceptions import BudgetError, FormatError
 from ._format import BlockRef, FileEntry
 from ._inputs import Opened, open_input
-from ._ring import Ring, Slot
-from ._scheduler import BlockReader, unwrap_group
+from ._repair import BadBlock, VerifyReport
+from ._ring import Slot
+from ._scheduler import open_reader, unwrap_group
 from ._threads import run_sync
 from ._writer import Progress, SavedPath, pack_opened
 from .sources._local import fsync_dir, makedirs_private
@@ -24,7 +22,7 @@ from .sources._local import fsync_dir, makedirs_private
 if TYPE_CHECKING:
     from ._security import BlockCipher
 
-__all__ = ["VerifyReport", "pack", "rekey", "unpack", "verify"]
+__all__ = ["BadBlock", "VerifyReport", "pack", "rekey", "unpack", "verify"]
 
 
 async def _cipher_for(opened: Opened, key: Any | None, verify_key: Any | None) -> BlockCipher | None:
@@ -157,10 +155,10 @@ async def unpack(
         await run_sync(_output_dir, outp, p, name)
     temps = {k: p.with_name(f".{p.name}.{secrets.token_hex(4)}.tmp") for k, p in targets.items()}
     fds = {k: os.open(t, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600) for k, t in temps.items()}
-    ring = await run_sync(Ring, limits.slot_size, limits.slots)
-    reader = BlockReader.for_sources(
-        ring, opened.sources, limits, cipher=cipher, verify_hashes=verify_key is not None
+    reader = await open_reader(
+        man, opened.sources, limits, cipher=cipher, verify_hashes=verify_key is not None
     )
+    ring = reader.ring
     ok = False
 
     def write_block(block: BlockRef, data: memoryview) -> None:
@@ -203,28 +201,6 @@ async def unpack(
     return [os.fspath(targets[f.path]) for f in man.files]
 
 
-@dataclass(frozen=True, slots=True)
-class BadBlock:
-    index: int
-    source: str
-    key: str
-    error: str
-
-
-@dataclass(frozen=True, slots=True)
-class VerifyReport:
-    """What ``verify`` found: every block read and checked, the bad ones listed."""
-
-    manifest: str
-    blocks: int
-    bytes_checked: int
-    bad: tuple[BadBlock, ...] = field(default_factory=tuple)
-
-    @property
-    def ok(self) -> bool:
-        return not self.bad
-
-
 async def verify(
     manifest: str | os.PathLike[str],
     *,
@@ -233,46 +209,33 @@ async def verify(
     progress: Progress | None = None,
     key: Any | None = None,
     verify_key: Any | None = None,
+    repair: bool = False,
 ) -> VerifyReport:
-    """Read every block and check its length and crc32c; report each bad block (never raise for one)."""
+    """Read every stored block (every replica, every parity block) and check it; report each bad one.
+
+    Never raises for a bad block. With ``repair=True``, bad blocks are rebuilt
+    from another replica or from their stripe's parity, checked against their
+    crc32c and written back (to their source, or to the location ``sources``
+    re-points it to, after which the manifest records that location); the
+    report marks each one repaired or not (see docs/reliability.md).
+    """
+    from ._repair import scrub
+
     opened = await open_input(manifest, block_size=DEFAULT_BLOCK_SIZE, sources=sources)
     man = opened.manifest
     # Without the key, an encrypted store is checked by crc32c of what is stored; with it,
     # every block's GCM tag is checked too (and the manifest MAC before anything is read).
     cipher = await _cipher_for(opened, key, verify_key) if key is not None or verify_key is not None else None
     limits = _limits(budget, man.block_size, len(opened.sources), man.block_overhead)
-    ring = await run_sync(Ring, limits.slot_size, limits.slots)
-    reader = BlockReader.for_sources(
-        ring,
-        opened.sources,
+    return await scrub(
+        opened,
         limits,
+        repair=repair,
+        repoint=sources or {},
         cipher=cipher,
-        overhead=man.block_overhead,
         verify_hashes=verify_key is not None,
+        progress=progress,
     )
-    bad: list[BadBlock] = []
-    checked = 0
-
-    async def one(block: BlockRef, slot: Slot) -> None:
-        nonlocal checked
-        try:
-            for source_id in (block.source, *block.copies):  # every copy, not just one good one
-                try:
-                    await reader.read_copy(block, source_id, slot)
-                    checked += block.length
-                except (SourceError, IntegrityError) as e:  # DecryptionError is an IntegrityError
-                    bad.append(BadBlock(block.index, source_id, block.key, str(e)))
-        finally:
-            ring.release(slot)
-            if progress is not None:
-                progress(block.length)
-
-    async with anyio.create_task_group() as tg:
-        for block in man.blocks:
-            slot = await ring.acquire()
-            tg.start_soon(one, block, slot)
-    bad.sort(key=lambda b: b.index)
-    return VerifyReport(opened.origin, len(man.blocks), checked, tuple(bad))
 
 
 async def rekey(

@@ -214,7 +214,7 @@ async def cmd_load(a: argparse.Namespace) -> int:
 
 async def cmd_verify(a: argparse.Namespace) -> int:
     total = await _total_of(a.manifest, _sources_arg(a.source)) if not a.quiet else 0
-    bar = _Progress(total, "verify", not a.quiet and not a.json)
+    bar = _Progress(total, "repair" if a.repair else "verify", not a.quiet and not a.json)
     try:
         report = await verify(
             a.manifest,
@@ -223,6 +223,7 @@ async def cmd_verify(a: argparse.Namespace) -> int:
             progress=bar,
             key=_key(a),
             verify_key=a.verify_key,
+            repair=a.repair,
         )
     finally:
         bar.close()
@@ -232,17 +233,37 @@ async def cmd_verify(a: argparse.Namespace) -> int:
                 {
                     "manifest": report.manifest,
                     "blocks": report.blocks,
+                    "parity_blocks": report.parity_blocks,
                     "bytes_checked": report.bytes_checked,
                     "ok": report.ok,
+                    "repair": report.repair,
+                    "healthy": report.healthy,
+                    "manifest_updated": report.manifest_updated,
                     "bad": [asdict(b) for b in report.bad],
+                    "notes": list(report.notes),
                 }
             )
         )
     else:
         for b in report.bad:
-            print(f"BAD block {b.index} (source {b.source}, key {b.key}): {b.error}")
-        state = "OK" if report.ok else f"{len(report.bad)} bad block(s)"
-        print(f"{report.manifest}: {report.blocks} blocks, {report.bytes_checked} bytes checked: {state}")
+            fixed = " -> REPAIRED" if b.repaired else (" -> NOT REPAIRED" if report.repair else "")
+            print(f"BAD {b.describe()}: {b.error}{fixed}")
+        for note in report.notes:
+            print(f"note: {note}")
+        parity = f" + {report.parity_blocks} parity" if report.parity_blocks else ""
+        if report.ok:
+            state = "OK"
+        elif report.repair:
+            done = sum(1 for b in report.bad if b.repaired)
+            state = f"{len(report.bad)} bad, {done} repaired" + (
+                "; manifest updated" if report.manifest_updated else ""
+            )
+        else:
+            state = f"{len(report.bad)} bad block(s)"
+        checked = f"{report.bytes_checked} bytes checked"
+        print(f"{report.manifest}: {report.blocks} blocks{parity}, {checked}: {state}")
+    if report.repair:
+        return 0 if report.healthy else 1
     return 0 if report.ok else 1
 
 
@@ -444,10 +465,20 @@ def build_parser() -> argparse.ArgumentParser:
     keys(sp)
     sp.set_defaults(func=cmd_load)
 
-    sp = sub.add_parser("verify", help="check every block's length and crc32c; exit 1 naming each bad block")
+    sp = sub.add_parser(
+        "verify",
+        help="check every stored block (each replica and parity block); exit 1 naming each bad one; "
+        "--repair rebuilds them",
+    )
     sp.add_argument("manifest")
     budget(sp)
     sp.add_argument("--json", action="store_true", help="print one JSON object")
+    sp.add_argument(
+        "--repair",
+        action="store_true",
+        help="rebuild bad blocks from replicas or parity and write them back (to --source ID=NEW if given, "
+        "then recorded in the manifest); exit 0 when everything bad was repaired",
+    )
     source(sp)
     keys(sp)
     sp.set_defaults(func=cmd_verify)
