@@ -13,6 +13,7 @@ See docs/format.md for the manifest schema.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -50,7 +51,7 @@ REDUNDANCY_SCHEME = "reed-solomon-cauchy-gf256"  # isa_l_rs_cauchy's code, see d
 MAX_STRIPE_WIDTH = 32
 _TOP_LEVEL = frozenset(
     {"format", "version", "id", "block_size", "total_size", "files", "tensors", "sources", "blocks"}
-    | {"extra", "encryption", "mac", "signature", "redundancy", "stripes"}
+    | {"extra", "encryption", "mac", "signature", "redundancy", "stripes", "digest"}
 )
 MAX_HEADER_SIZE = 100 * 1024 * 1024  # the limit safetensors itself enforces
 MAX_MANIFEST_SIZE = 1 << 30
@@ -197,8 +198,16 @@ class Manifest:
         return json.dumps(doc, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
 
     def to_json(self) -> bytes:
-        """Canonical JSON bytes (sorted keys, no NaN), as written to disk."""
-        return (json.dumps(self._doc(), indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
+        """Canonical JSON bytes (sorted keys, no NaN), as written to disk, with their ``digest``.
+
+        ``digest`` is the SHA-256 of every other field (canonical form): a reader
+        rejects a manifest whose bytes changed by accident (a flipped bit, a
+        truncated copy). It is no protection against a deliberate change: that
+        is what the MAC and the signature are for.
+        """
+        doc = self._doc()
+        doc["digest"] = _digest(doc)
+        return (json.dumps(doc, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
 
     def _doc(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -246,6 +255,12 @@ class Manifest:
     def from_json(cls, data: bytes | str, *, name: str = "manifest") -> Manifest:
         """Parse and validate manifest bytes; raise :class:`ManifestError` naming ``name``."""
         return _parse_manifest(data, name)
+
+
+def _digest(doc: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in doc.items() if k != "digest"}
+    canonical = json.dumps(body, separators=(",", ":"), sort_keys=True, allow_nan=False)
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def table_bytes(tensors: Sequence[TensorInfo]) -> bytes:
@@ -471,6 +486,10 @@ def _parse_manifest(data: bytes | str, name: str) -> Manifest:
     if unknown:  # a MAC or signature covers the parsed fields: nothing may ride along unchecked
         raise ManifestError(
             f"{name}: unknown fields {unknown[:5]} (readers of version {FORMAT_VERSION} refuse them)"
+        )
+    if "digest" in doc and doc["digest"] != _digest(doc):  # absent only in manifests older than it
+        raise ManifestError(
+            f"{name}: the manifest's digest does not match its contents (the file was changed or damaged)"
         )
     version = _nonneg(doc, "version", name)
     if version != FORMAT_VERSION:

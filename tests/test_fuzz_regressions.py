@@ -36,6 +36,7 @@ def _edit(path: Path, change: object) -> Path:
     doc = json.loads(path.read_text())
     change(doc)  # type: ignore[operator]
     out = path.with_name("edited.json")
+    doc.pop("digest", None)  # a hostile manifest carries no digest
     out.write_text(json.dumps(doc))
     return out
 
