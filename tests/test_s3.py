@@ -542,3 +542,31 @@ async def test_unreachable_endpoint_fails_within_the_timeouts() -> None:
         await src.read_into("k", 0, memoryview(bytearray(4)))
     assert "'s3'" in str(info.value) and "s3://bkt/p/k" in str(info.value)
     assert_no_secret(info.value)
+
+
+def test_a_script_that_exits_right_after_a_failed_put_exits_cleanly(s3_server: S3Server) -> None:
+    """obstore finishes each call on its own thread; exiting right after one used to abort (134)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import anyio, sys\n"
+        "from asyncload.sources import S3Options, S3Source\n"
+        f"o = S3Options(endpoint={s3_server.endpoint!r}, access_key_id={s3_server.access_key!r},\n"
+        "               secret_access_key=sys.argv[1])\n"
+        "async def main():\n"
+        "    try:\n"
+        "        src = S3Source('s', 's3://no-such-bucket-exit/p', options=o)\n"
+        "        await src.write('k', memoryview(b'x' * 100))\n"
+        "    except Exception as e:\n"
+        "        print(type(e).__name__)\n"
+        "anyio.run(main)\n"
+    )
+    codes = []
+    for _ in range(8):
+        p = subprocess.run(
+            [sys.executable, "-c", script, s3_server.secret_key], capture_output=True, text=True, timeout=60
+        )
+        assert p.stdout.strip() == "BlockNotFoundError", p.stdout + p.stderr
+        codes.append(p.returncode)
+    assert codes == [0] * 8, codes

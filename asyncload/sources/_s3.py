@@ -91,7 +91,7 @@ def _let_client_threads_finish() -> None:
     time.sleep(0.02)
 
 
-atexit.register(_let_client_threads_finish)
+_exit_hook_registered = False
 
 
 def parse_s3_location(location: str) -> tuple[str, str]:
@@ -119,6 +119,10 @@ class S3Source(Source):
 
     def __init__(self, id: str, location: str, *, options: S3Options | None = None) -> None:
         super().__init__(id, location)
+        global _exit_hook_registered
+        if not _exit_hook_registered:
+            atexit.register(_let_client_threads_finish)
+            _exit_hook_registered = True
         self.bucket, self.prefix = parse_s3_location(location)
         self.options = options if options is not None else DEFAULT_S3_OPTIONS
         self.settings: S3Settings = resolve(self.options)
