@@ -149,7 +149,9 @@ async def _read_stripe(reader: BlockReader, stripe: Stripe, members: list[_Membe
         if not m.wanted:
             continue
         around = sum(1 for x in members if x.error is not None)
-        if around < parity and _read_around(reader, m.block.source):
+        if m.block.missing:  # the save could not store it: rebuild without asking the source
+            m.error = SourceError(f"block {m.block.index} is marked missing in the manifest (not stored)")
+        elif around < parity and _read_around(reader, m.block.source):
             reader._hedged += 1
             m.error = SourceError(
                 f"block {m.block.index} ({m.block.key!r} on source {m.block.source!r}): read around, "
@@ -172,17 +174,20 @@ async def _rebuild(reader: BlockReader, stripe: Stripe, members: list[_Member], 
     length = stripe.length
     code = ErasureCode(n, len(stripe.parity))
     failures: list[str] = [f"block {m.block.index} on source {m.block.source!r}: {m.error}" for m in lost]
-    async with reader._parity_lock:  # one rebuild at a time holds the parity slots
-        pslots = [await reader.parity_ring.acquire() for _ in stripe.parity]
+    pslots: list[Slot] = []
     try:
+        async with reader._parity_lock:  # one rebuild at a time holds the parity slots
+            for _ in stripe.parity:  # appended one by one: a cancelled wait leaks none already held
+                pslots.append(await reader.parity_ring.acquire())
         have: dict[int, memoryview] = {m.pos: m.slot.memory.data[:length] for m in members if m.landed}
         # Candidates: unwanted members and parity, healthy sources first.
         cands: list[tuple[int, int, str]] = []  # (rank, index in stripe, source)
         for m in members:
-            if not m.wanted and not m.landed:
+            if not m.wanted and not m.landed and not m.block.missing:
                 cands.append((0, m.pos, m.block.source))
         for r, p in enumerate(stripe.parity):
-            cands.append((1, n + r, p.source))
+            if not p.missing:
+                cands.append((1, n + r, p.source))
         cands.sort(key=lambda c: (bool(reader._health[c[2]].failures or reader._health[c[2]].slow), c[0]))
         by_pos = {m.pos: m for m in members}
 
@@ -209,6 +214,8 @@ async def _rebuild(reader: BlockReader, stripe: Stripe, members: list[_Member], 
         for m in lost:  # last resort: the failed blocks themselves, with retries
             if len(have) >= n:
                 break
+            if m.block.missing:
+                continue
             try:
                 await reader._fetch(m.block, m.block.source, m.slot, retry=True)
             except (SourceError, IntegrityError) as e:

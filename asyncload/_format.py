@@ -117,6 +117,7 @@ class BlockRef:
     key_offset: int = 0
     sha256: str | None = None
     copies: tuple[str, ...] = ()  # other sources holding the same bytes under the same key
+    missing: bool = False  # a save could not store it (its stripe's parity covers it; repair heals)
 
     @property
     def end(self) -> int:
@@ -131,6 +132,7 @@ class ParityRef:
     key: str
     crc32c: int
     sha256: str | None = None
+    missing: bool = False  # a save could not store it (repair heals)
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +286,8 @@ def _block_json(b: BlockRef) -> dict[str, Any]:
         out["sha256"] = b.sha256
     if b.copies:
         out["copies"] = list(b.copies)
+    if b.missing:
+        out["missing"] = True
     return out
 
 
@@ -291,6 +295,8 @@ def _parity_json(p: ParityRef) -> dict[str, Any]:
     out: dict[str, Any] = {"source": p.source, "key": p.key, "crc32c": f"{p.crc32c:08x}"}
     if p.sha256 is not None:
         out["sha256"] = p.sha256
+    if p.missing:
+        out["missing"] = True
     return out
 
 
@@ -521,7 +527,11 @@ def _parse_manifest(data: bytes | str, name: str) -> Manifest:
         where = f"{name}: blocks[{i}]"
         if not isinstance(b, dict):
             raise ManifestError(f"{where}: must be an object")
-        _only(b, {"source", "key", "offset", "length", "crc32c", "key_offset", "sha256", "copies"}, where)
+        _only(
+            b,
+            {"source", "key", "offset", "length", "crc32c", "key_offset", "sha256", "copies", "missing"},
+            where,
+        )
         src = _req(b, "source", str, where)
         if src not in ids:
             raise ManifestError(f"{where}: unknown source {src!r}")
@@ -552,7 +562,10 @@ def _parse_manifest(data: bytes | str, name: str) -> Manifest:
             or len({src, *copies}) != len(copies) + 1
         ):
             raise ManifestError(f"{where}: copies must list other known source ids, each once")
-        blocks.append(BlockRef(i, src, key, off, length, crc, key_off, sha, tuple(copies)))
+        missing = b.get("missing", False)
+        if missing is not True and missing is not False:
+            raise ManifestError(f"{where}: missing must be true or false")
+        blocks.append(BlockRef(i, src, key, off, length, crc, key_off, sha, tuple(copies), missing))
         pos += length
     if pos != total:
         raise ManifestError(f"{name}: blocks cover {pos} bytes but total_size is {total}")
@@ -665,6 +678,9 @@ def _parse_redundancy(
     if red is None:
         if "stripes" in doc:
             raise ManifestError(f"{name}: 'stripes' given without 'redundancy'")
+        lost = next((b.index for b in blocks if b.missing), None)
+        if lost is not None:
+            raise ManifestError(f"{name}: block {lost} is marked missing but nothing can rebuild it")
         return 0, ()
     if not isinstance(red, dict):
         raise ManifestError(f"{name}: 'redundancy' must be an object")
@@ -710,7 +726,7 @@ def _parse_redundancy(
             pw = f"{where}.parity[{pi}]"
             if not isinstance(p, dict):
                 raise ManifestError(f"{pw}: must be an object")
-            _only(p, {"source", "key", "crc32c", "sha256"}, pw)
+            _only(p, {"source", "key", "crc32c", "sha256", "missing"}, pw)
             src = _req(p, "source", str, pw)
             if src not in ids:
                 raise ManifestError(f"{pw}: unknown source {src!r}")
@@ -720,9 +736,15 @@ def _parse_redundancy(
             key = _req(p, "key", str, pw)
             if not _key_ok(key):
                 raise ManifestError(f"{pw}: key {key!r} is not a safe relative path")
-            refs.append(ParityRef(src, key, _hex8(p.get("crc32c"), pw), _sha(p.get("sha256"), pw)))
+            pmissing = p.get("missing", False)
+            if pmissing is not True and pmissing is not False:
+                raise ManifestError(f"{pw}: missing must be true or false")
+            refs.append(ParityRef(src, key, _hex8(p.get("crc32c"), pw), _sha(p.get("sha256"), pw), pmissing))
+        lost = sum(blocks[b].missing for b in members) + sum(r.missing for r in refs)
+        if lost > parity:
+            raise ManifestError(f"{where}: {lost} blocks marked missing, more than its parity {parity}")
         stripes.append(Stripe(si, tuple(members), length, tuple(refs)))
-    if len(owner) != len(blocks):
+    if len(owner) != len(blocks):  # (also: a block marked missing outside any stripe is refused here)
         lost = next(i for i in range(len(blocks)) if i not in owner)
         raise ManifestError(f"{name}: block {lost} belongs to no stripe")
     return parity, tuple(stripes)

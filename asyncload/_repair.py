@@ -170,6 +170,9 @@ class _Scrub:
             errors: dict[int, str] = {}
 
             async def read(pos: int) -> None:
+                if members[pos].missing if pos < n else stripe.parity[pos - n].missing:
+                    errors[pos] = "marked missing in the manifest: the save could not store it"
+                    return
                 try:
                     if pos < n:
                         await reader._fetch(members[pos], members[pos].source, slots[pos], retry=False)
@@ -295,16 +298,31 @@ async def scrub(
     notes: list[str] = []
     updated = False
     moved = [b for b in bad if b.source in repoint]
-    if repair and repoint and opened.kind == "manifest" and all(b.repaired for b in moved):
-        # Every block of a re-pointed source that was not at its new location is there now.
-        new = _relocated(man, opened.origin, repoint)
+    healed = {(b.stripe, b.index, b.parity) for b in bad if b.repaired}
+    marked = any(
+        (st.index, i, None) in healed for st in man.stripes for i in st.blocks if man.blocks[i].missing
+    ) or any(
+        (st.index, st.blocks[0], r) in healed
+        for st in man.stripes
+        for r, p in enumerate(st.parity)
+        if p.missing
+    )
+    relocate = bool(repoint) and all(b.repaired for b in moved)
+    if repair and opened.kind == "manifest" and (relocate or marked):
+        # Every block of a re-pointed source that was not at its new location is there now;
+        # blocks a save marked missing and that are stored now lose the mark.
+        new = _unmark(_relocated(man, opened.origin, repoint if relocate else {}), healed)
         if man.signature is not None:
             notes.append(
-                "the manifest is signed: its source locations were left as they were; "
-                "load with --source " + " ".join(f"{k}={v}" for k, v in repoint.items())
+                "the manifest is signed: it was left as it was (re-sign to record repairs)"
+                + (
+                    "; load with --source " + " ".join(f"{k}={v}" for k, v in repoint.items())
+                    if relocate
+                    else ""
+                )
             )
         elif man.mac is not None and cipher is None:
-            notes.append("the manifest carries a MAC and no key was given: source locations left unchanged")
+            notes.append("the manifest carries a MAC and no key was given: it was left unchanged")
         else:
             from ._writer import _seal, commit_manifest
 
@@ -320,6 +338,24 @@ async def scrub(
         updated,
         tuple(notes),
     )
+
+
+def _unmark(manifest: Manifest, healed: set[tuple[int | None, int, int | None]]) -> Manifest:
+    """``manifest`` with the missing mark cleared on every block and parity block now repaired."""
+    blocks = list(manifest.blocks)
+    stripes = []
+    for st in manifest.stripes:
+        for i in st.blocks:
+            if blocks[i].missing and (st.index, i, None) in healed:
+                blocks[i] = dataclasses.replace(blocks[i], missing=False)
+        parity = tuple(
+            dataclasses.replace(p, missing=False)
+            if p.missing and (st.index, st.blocks[0], r) in healed
+            else p
+            for r, p in enumerate(st.parity)
+        )
+        stripes.append(dataclasses.replace(st, parity=parity))
+    return dataclasses.replace(manifest, blocks=tuple(blocks), stripes=tuple(stripes))
 
 
 async def _stripe_then_release(job: _Scrub, stripe: Stripe, slots: list[Slot]) -> None:

@@ -135,6 +135,7 @@ class ScatterWriter:
         self._stripe_no = 0
         self.bytes_written = 0  # stored bytes sent to sources (every copy and parity block)
         self.bytes_reused = 0  # stored bytes found already in place (not written again)
+        self.missing: list[str] = []  # why blocks of a parity save could not be stored
         self.blocks_reused = 0
 
     # -- one stored object on one source ---------------------------------------------
@@ -253,9 +254,31 @@ class ScatterWriter:
                 key = content_key(sha)
                 puts.append((src, key, pdata, crc))
                 parity_refs.append(ParityRef(src.id, key, crc, sha if self.hash_blocks else None))
+            failed: dict[int, SourceError] = {}
+
+            async def put(i: int) -> None:
+                try:
+                    await self._put(*puts[i])
+                except SourceError as e:  # a source that fails: the stripe's parity may cover it
+                    failed[i] = e
+
             async with anyio.create_task_group() as tg:
-                for put in puts:
-                    tg.start_soon(self._put, *put)
+                for i in range(len(puts)):
+                    tg.start_soon(put, i)
+            if len(failed) > self.parity:
+                errors = [failed[i] for i in sorted(failed)]
+                for other in errors[1:]:
+                    errors[0].add_note(f"also: {other}")
+                raise errors[0]
+            for i in failed:  # recorded as missing: loads rebuild them, verify --repair stores them
+                if i < len(members):
+                    tag = members[i].tag
+                    self.blocks[tag] = dataclasses.replace(self.blocks[tag], missing=True)
+                else:
+                    parity_refs[i - len(members)] = dataclasses.replace(
+                        parity_refs[i - len(members)], missing=True
+                    )
+                self.missing.append(str(failed[i]))
             self.stripes.append((tuple(m.tag for m in members), length, tuple(parity_refs)))
             for m in members:
                 if m.progress is not None:
@@ -634,10 +657,12 @@ class SavedPath(str):
     bytes_written: int = 0
     bytes_reused: int = 0
     blocks_reused: int = 0
+    missing: tuple[str, ...] = ()  # blocks a failing source could not store (parity covers them)
 
 
 def _saved(path: str | os.PathLike[str], writer: ScatterWriter) -> SavedPath:
     out = SavedPath(os.fspath(path))
+    out.missing = tuple(writer.missing)
     out.bytes_written = writer.bytes_written
     out.bytes_reused = writer.bytes_reused
     out.blocks_reused = writer.blocks_reused

@@ -120,6 +120,13 @@ async def cmd_pack(a: argparse.Namespace) -> int:
         f"packed {size} bytes ({format_size(size)}) over {len(a.to)} sources{scheme} in {dt:.2f} s "
         f"({size / dt / 1e9:.2f} GB/s) -> {path}{reused}"
     )
+    if path.missing:
+        print(
+            f"warning: {len(path.missing)} block(s) could not be stored (parity covers them; the manifest "
+            f"marks them missing): {path.missing[0]}; run `asyncload verify {path} --repair` "
+            "once the source is back, or with --source ID=NEW_LOCATION",
+            file=sys.stderr,
+        )
     return 0
 
 
