@@ -21,12 +21,14 @@ from ._exceptions import (
     ManifestError,
     SourceError,
     SourceUnavailableError,
+    StripeError,
     TruncatedBlockError,
     UnsupportedDtypeError,
 )
 from ._format import Manifest, TensorInfo
 from ._loader import LoaderStatistics, Model, load, open, save
-from ._tools import VerifyReport, pack, rekey, unpack, verify
+from ._tools import BadBlock, VerifyReport, pack, rekey, unpack, verify
+from ._writer import SavedPath
 
 __version__ = "0.1.0"
 
@@ -34,6 +36,7 @@ __all__ = [
     "AsyncloadError",
     "AsyncloadErrorGroup",
     "AuthenticationError",
+    "BadBlock",
     "BlockNotFoundError",
     "BudgetError",
     "ChecksumError",
@@ -49,8 +52,10 @@ __all__ = [
     "Manifest",
     "ManifestError",
     "Model",
+    "SavedPath",
     "SourceError",
     "SourceUnavailableError",
+    "StripeError",
     "TensorInfo",
     "TensorStream",
     "TruncatedBlockError",

@@ -100,6 +100,24 @@ class TruncatedBlockError(IntegrityError):
     """A block (or the file range read in place) is shorter than the manifest records."""
 
 
+class StripeError(IntegrityError):
+    """A stripe lost more blocks than its parity can rebuild; no bytes were produced.
+
+    The message names the stripe and every block and source that failed.
+    ``available`` holds the stripe positions that could be read, ``needed``
+    how many are required (the stripe's data blocks) and ``width`` its width.
+    """
+
+    def __init__(self, message: str, available: tuple[int, ...] = (), needed: int = 0, width: int = 0):
+        super().__init__(message)
+        self.available = available
+        self.needed = needed
+        self.width = width
+
+    def __reduce__(self) -> tuple[type[StripeError], tuple[str, tuple[int, ...], int, int]]:
+        return (type(self), (str(self), self.available, self.needed, self.width))
+
+
 class AuthenticationError(IntegrityError):
     """A manifest MAC, a manifest signature or a block's AEAD tag does not verify."""
 

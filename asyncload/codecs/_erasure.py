@@ -66,7 +66,7 @@ from dataclasses import dataclass
 
 from pyeclib.ec_iface import ECDriver, check_backend_available
 
-from .._exceptions import IntegrityError
+from .._exceptions import StripeError
 
 __all__ = ["BACKEND", "MAX_WIDTH", "ErasureCode", "StripeError", "decode_into", "encode_into"]
 
@@ -112,24 +112,6 @@ class ErasureCode:
 
     def __str__(self) -> str:
         return f"RS({self.data}+{self.parity})"
-
-
-class StripeError(IntegrityError):
-    """A stripe lost more blocks than its parity can rebuild; no bytes were produced.
-
-    ``available`` holds the indices of the blocks that survived, ``needed`` how
-    many are required (the code's ``data``) and ``width`` the stripe width.
-    Callers re-raise or annotate it with the stripe and the sources involved.
-    """
-
-    def __init__(self, message: str, available: tuple[int, ...] = (), needed: int = 0, width: int = 0):
-        super().__init__(message)
-        self.available = available
-        self.needed = needed
-        self.width = width
-
-    def __reduce__(self) -> tuple[type[StripeError], tuple[str, tuple[int, ...], int, int]]:
-        return (type(self), (str(self), self.available, self.needed, self.width))
 
 
 # --- pyeclib plumbing -------------------------------------------------------------------------------------

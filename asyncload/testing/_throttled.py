@@ -19,23 +19,26 @@ from ..sources import Source, SourceStatistics
 __all__ = ["ThrottledSource"]
 
 _CHUNK_SECONDS = 0.01  # one bucket grant covers ~10 ms of transfer: ~100 sleeps/s per source
+_BURST_SECONDS = 0.1  # credit an idle device may bank; also absorbs late wake-ups of the sleeps
 _MIN_CHUNK = 64 << 10
 
 
 class _TokenBucket:
     """``rate`` bytes per second shared by every caller of :meth:`take`, FIFO.
 
-    The bucket holds at most ``capacity`` bytes of credit (the burst an idle
-    device may deliver at once). A caller takes its bytes in chunks of at most
-    ``capacity``; the lock is held while a chunk waits for its credit, so
-    concurrent reads interleave chunk by chunk and together never exceed
-    ``rate``. Credit is debited only after the wait, so a cancelled read takes
-    nothing it did not get.
+    A caller takes its bytes in chunks of ``chunk`` (~10 ms of transfer); the
+    lock is held while a chunk waits for its credit, so concurrent reads
+    interleave chunk by chunk and together never exceed ``rate``. The bucket
+    banks up to ``capacity`` bytes of credit (~100 ms, at least 4 chunks): the
+    burst an idle device may deliver at once, and the slack that keeps a sleep
+    that wakes late (a busy event loop) from lowering the rate. Credit is
+    debited only after the wait, so a cancelled read takes nothing it did not get.
     """
 
     def __init__(self, rate: float) -> None:
         self.rate = rate
-        self.capacity = max(_MIN_CHUNK, int(rate * _CHUNK_SECONDS))
+        self.chunk = max(_MIN_CHUNK, int(rate * _CHUNK_SECONDS))
+        self.capacity = max(4 * self.chunk, int(rate * _BURST_SECONDS))
         self._tokens = float(self.capacity)
         self._stamp: float | None = None
         self._lock: anyio.Lock | None = None
@@ -47,22 +50,22 @@ class _TokenBucket:
         self._stamp = now
 
     async def take(self, nbytes: int) -> float:
-        """Wait until ``nbytes`` of credit were granted; return the seconds spent waiting."""
+        """Wait until ``nbytes`` of credit were granted; return the seconds that took (queueing
+        behind other reads of the source included)."""
         if self._lock is None:
             self._lock = anyio.Lock()
-        waited = 0.0
+        start = anyio.current_time()
         while nbytes > 0:
-            chunk = min(nbytes, self.capacity)
+            chunk = min(nbytes, self.chunk)
             async with self._lock:
                 self._refill()
                 if self._tokens < chunk:
                     delay = (chunk - self._tokens) / self.rate
                     await anyio.sleep(delay)
-                    waited += delay
                     self._refill()
                 self._tokens -= chunk
             nbytes -= chunk
-        return waited
+        return anyio.current_time() - start
 
 
 class ThrottledSource(Source):
@@ -80,7 +83,8 @@ class ThrottledSource(Source):
     buffer, then waits until the bucket granted the bytes it read; every wait is
     cancellable. Bytes are passed through unchanged. Writes, sizes, deletes and
     everything else go straight to ``inner``. :meth:`statistics` is the inner
-    source's; :attr:`throttled_s` is the total time reads waited for bandwidth,
+    source's; :attr:`throttled_s` is the total time reads waited for bandwidth
+    (summed over concurrent reads, so it can exceed the wall time),
     :attr:`reads_started` / :attr:`reads_finished` count reads entered and left
     (returned, raised or cancelled).
     """
