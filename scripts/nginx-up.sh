@@ -10,6 +10,8 @@
 # renamed into place, so an object appears whole or not at all). No body-size limit.
 # NGINX_WORKERS (default 1) sets worker_processes. NGINX_BIN (default: nginx on PATH, else
 # /usr/sbin/nginx) picks the binary. (Not NGINX: nginx itself reads that variable.)
+# NGINX_LIMIT_RATE (e.g. 100m) caps each connection's send rate, to model a server of bounded
+# bandwidth in benchmarks (bench/bench_remote.py --server-rate).
 set -euo pipefail
 if [ $# -ne 2 ]; then
     echo "usage: $0 DIR PORT" >&2
@@ -57,6 +59,7 @@ http {
             dav_methods PUT DELETE;
             create_full_put_path on;
             dav_access user:rw group:r;
+            limit_rate ${NGINX_LIMIT_RATE:-0};
         }
     }
 }
