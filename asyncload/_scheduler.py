@@ -303,7 +303,11 @@ class BlockReader:
         when every copy fails is the first error raised, with the others as notes.
         """
         errors: list[Exception] = []
-        copies = (block.source, *block.copies)  # primary first
+        copies = (block.source, *block.copies)  # primary first, unless it is down or lagging
+        if block.copies:
+            copies = tuple(
+                sorted(copies, key=lambda c: bool(self._health[c].failures or self._health[c].slow))
+            )
         for source_id in copies:
             try:
                 await self.read_copy(block, source_id, slot, retry=len(copies) == 1)
