@@ -73,8 +73,28 @@ async def _tensors(layout: Layout, digests: dict[str, str]) -> AsyncIterator[tup
         yield name, arr
 
 
+async def _stream_checked(manifest: str, budget: int, digests: dict[str, str]) -> tuple[int, Any]:
+    """Stream every tensor back and compare its digest; (tensors that matched, statistics)."""
+    checked = 0
+    async with open_model(manifest, budget=budget) as model:
+        async for name, arr in model.stream():
+            if await run_sync(_digest, arr) != digests[name]:
+                print(f"  MISMATCH in {name}")
+                return -1, model.statistics()
+            checked += 1
+            del arr
+        return checked, model.statistics()
+
+
 async def run_demo(
-    *, size: int, budget: int, block_size: int, sources: int, keep: str | None, quiet: bool
+    *,
+    size: int,
+    budget: int,
+    block_size: int,
+    sources: int,
+    keep: str | None,
+    quiet: bool,
+    parity: int = 1,
 ) -> int:
     root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="asyncload-demo-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -83,7 +103,10 @@ async def run_demo(
         total = sum(int(np.prod(s)) * d.itemsize for _, d, s in layout)
         largest = max(int(np.prod(s)) * d.itemsize for _, d, s in layout)
         dirs = [root / f"disk{i}" for i in range(sources)]
-        print(f"asyncload demo: {len(layout)} tensors, {format_size(total)}, {sources} sources under {root}")
+        parity = parity if sources > parity else 0
+        scheme = f", parity {parity} (any {parity} of {sources} may be lost)" if parity else ""
+        what = f"{len(layout)} tensors, {format_size(total)}, {sources} sources{scheme}"
+        print(f"asyncload demo: {what} under {root}")
         digests: dict[str, str] = {}
         t0 = time.perf_counter()
         manifest = await save(
@@ -92,6 +115,7 @@ async def run_demo(
             sources=dirs,
             block_size=block_size,
             budget=budget,
+            parity=parity,
         )
         dt = time.perf_counter() - t0
         print(
@@ -133,7 +157,33 @@ async def run_demo(
         print(f"  sources: {per}")
         report = await verify(manifest, budget=budget)
         print(f"  verify : {report.blocks} blocks, crc32c {'OK' if report.ok else 'FAILED'}")
-        return 0 if report.ok else 1
+        if not report.ok:
+            return 1
+        if not parity:
+            return 0
+        # A lost disk: rename one source away, load anyway, then repair into a new directory.
+        lost = dirs[-1]
+        gone = lost.with_name(lost.name + ".lost")
+        lost.rename(gone)
+        t0 = time.perf_counter()
+        checked, stats = await _stream_checked(manifest, budget, digests)
+        dt = time.perf_counter() - t0
+        if checked != len(layout):
+            print(f"  degraded load failed: {checked} of {len(layout)} tensors")
+            return 1
+        print(
+            f"  lost   : {lost.name} taken away; {checked} tensors still every byte verified in {dt:.2f} s "
+            f"({stats.rebuilt_blocks} blocks rebuilt from parity)"
+        )
+        new = lost.with_name(lost.name + ".new")
+        sid = f"s{len(dirs) - 1}"
+        fixed = await verify(manifest, budget=budget, repair=True, sources={sid: str(new)})
+        again = await verify(manifest, budget=budget)
+        print(
+            f"  repair : {sum(b.repaired for b in fixed.bad)} blocks rebuilt into {new.name} "
+            f"(asyncload verify --repair --source {sid}=...); verify again: {'OK' if again.ok else 'FAILED'}"
+        )
+        return 0 if again.ok and fixed.healthy else 1
     finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -329,6 +329,7 @@ async def cmd_demo(a: argparse.Namespace) -> int:
         sources=a.sources,
         keep=a.keep,
         quiet=a.quiet,
+        parity=a.parity,
     )
 
 
@@ -514,6 +515,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--block-size", type=_size, default=4 << 20, help="block size (default 4MiB)")
     sp.add_argument("--sources", type=int, default=4, help="number of source directories (default 4)")
     sp.add_argument("--keep", metavar="DIR", help="keep the store in DIR instead of a temp dir")
+    sp.add_argument(
+        "--parity",
+        type=int,
+        default=1,
+        metavar="P",
+        help="parity blocks per stripe (default 1; 0 skips the lost-disk and repair steps)",
+    )
     sp.set_defaults(func=cmd_demo)
     return p
 

@@ -36,7 +36,7 @@ SUBCOMMANDS = {
     "load": ["--budget", "--block-size", "--mode", "--json", "--threads", "--reads-per-source", "--source"],
     "verify": ["--budget", "--json", "--source"],
     "info": ["--all", "--json", "--source", "--key-file", "--verify-key"],
-    "demo": ["--size", "--budget", "--block-size", "--sources", "--keep"],
+    "demo": ["--size", "--budget", "--block-size", "--sources", "--keep", "--parity"],
 }
 
 
@@ -444,6 +444,10 @@ def test_demo_small(tmp_path: Path) -> None:
     verify_lines = [line for line in p.stdout.splitlines() if line.strip().startswith("verify")]
     assert len(verify_lines) == 1 and "crc32c OK" in verify_lines[0]
     assert "MISMATCH" not in p.stdout
+    lost = [line for line in p.stdout.splitlines() if line.strip().startswith("lost")]
+    assert len(lost) == 1 and "every byte verified" in lost[0] and " 0 blocks rebuilt" not in lost[0]
+    repair = [line for line in p.stdout.splitlines() if line.strip().startswith("repair")]
+    assert len(repair) == 1 and repair[0].endswith("verify again: OK")
     assert list(scratch.iterdir()) == []  # the temp store is removed
 
 
