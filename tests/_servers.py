@@ -8,8 +8,7 @@
   until released, fail the first attempt of every request with 503.
 
 Test modules import the fixtures they use: ``from _servers import nginx_fixture  # noqa: F401``
-(the fixture's name is ``nginx``).
-A fixture ``s3_server`` here, if present, is picked up by tests/test_conformance.py.
+(the fixture's name is ``nginx``). The S3 server fixtures are in tests/_s3server.py.
 """
 
 from __future__ import annotations

@@ -1,12 +1,11 @@
 """Every source passes the same conformance suite (asyncload.testing.SourceConformance).
 
-Local directories, memory, HTTP on a private nginx; S3 joins in when tests/_servers.py has an
-``s3_server`` fixture and asyncload.sources._s3 imports (see TestS3Source at the bottom).
+Local directories, memory and HTTP on a private nginx here; S3 on a real Ceph RGW in
+tests/test_s3.py (TestS3Conformance), next to its server fixture.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import uuid
 from collections.abc import AsyncIterator
@@ -57,18 +56,4 @@ class TestHttpSource(SourceConformance):
         return HttpSource("gone", f"http://127.0.0.1:{port}/x", retries=1, backoff=0.01)
 
 
-def _s3_ready() -> bool:
-    return hasattr(_servers, "s3_server") and importlib.util.find_spec("asyncload.sources._s3") is not None
-
-
-if _s3_ready():  # S3 hook: the fixture's value gives `location(name) -> "s3://bucket/name"`.
-    from asyncload.sources._s3 import S3Source
-
-    s3_server = getattr(_servers, "s3_server")  # noqa: B009 - defined only once S3 lands
-
-    class TestS3Source(SourceConformance):
-        @pytest.fixture
-        async def source(self, s3_server: object) -> AsyncIterator[Source]:
-            src = S3Source("s3", s3_server.location(f"conformance-{uuid.uuid4().hex[:10]}"))  # type: ignore[attr-defined]
-            yield src
-            await src.aclose()
+# S3Source runs the same suite against a real Ceph RGW: tests/test_s3.py::TestS3Conformance.

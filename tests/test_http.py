@@ -1,8 +1,8 @@
 """HTTP sources against real servers on 127.0.0.1: a private nginx, and a misbehaving h11 server.
 
 Round trips through nginx (WebDAV PUT, ranged GETs), a local tree copied under the web root
-loading from its manifest URL, stores mixing a local directory and HTTP (and S3 when the S3
-fixture is there), and faults on the wire: 404, 403, a connection closed mid-body, a stall,
+loading from its manifest URL, stores mixing a local directory and HTTP (with S3 as well:
+tests/test_s3.py), and faults on the wire: 404, 403, a connection closed mid-body, a stall,
 503 on every first attempt. Each fault must end in an error from the tree, within the
 configured timeout, with no wrong bytes, no slot left held and no credential in the message.
 """
@@ -151,25 +151,15 @@ async def test_manifest_url_with_missing_blocks_fails_cleanly(nginx: Nginx, tmp_
         await load_all(f"{url}/nothing-here.asyncload.json")
 
 
-def _mixed_locations(n: Nginx, tmp_path: pathlib.Path, request: pytest.FixtureRequest) -> list[str]:
-    """A local directory, an nginx prefix and (hook) an S3 prefix when the S3 fixture exists.
-
-    S3 hook: tests/_servers.py may define a fixture ``s3_server`` whose value has
-    ``location(name) -> "s3://bucket/name"`` and which configures the environment for S3Source.
-    """
-    locs = [str(tmp_path / "disk"), f"{fresh(n, 'mixed')}/dav/x"]
-    if hasattr(_servers, "s3_server"):
-        s3 = request.getfixturevalue("s3_server")
-        locs.append(s3.location(f"mixed-{uuid.uuid4().hex[:10]}"))
-    return locs
+def _mixed_locations(n: Nginx, tmp_path: pathlib.Path) -> list[str]:
+    """A local directory and an nginx prefix (with S3 too: tests/test_s3.py, mixed stores)."""
+    return [str(tmp_path / "disk"), f"{fresh(n, 'mixed')}/dav/x"]
 
 
 @pytest.mark.anyio
-async def test_mixed_store_save_and_load(
-    nginx: Nginx, tmp_path: pathlib.Path, request: pytest.FixtureRequest
-) -> None:
+async def test_mixed_store_save_and_load(nginx: Nginx, tmp_path: pathlib.Path) -> None:
     tensors = make_tensors(40, seed=7)
-    locs = _mixed_locations(nginx, tmp_path, request)
+    locs = _mixed_locations(nginx, tmp_path)
     path = await asyncload.save(
         tensors, tmp_path / "m.asyncload.json", sources=locs, block_size=4 * KiB, budget=LOAD_BUDGET
     )
