@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from ._base import Source, SourceStatistics
+from ._http import HttpSource
 from ._local import LocalSource
 from ._memory import MemorySource
 from ._s3 import S3Options, S3Source
 
-__all__ = ["LocalSource", "MemorySource", "S3Options", "S3Source", "Source", "SourceStatistics"]
+__all__ = ["HttpSource", "LocalSource", "MemorySource", "S3Options", "S3Source", "Source", "SourceStatistics"]
