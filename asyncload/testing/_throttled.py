@@ -29,9 +29,10 @@ class _TokenBucket:
     A caller takes its bytes in chunks of ``chunk`` (~10 ms of transfer); the
     lock is held while a chunk waits for its credit, so concurrent reads
     interleave chunk by chunk and together never exceed ``rate``. The bucket
-    banks up to ``capacity`` bytes of credit (~100 ms, at least 4 chunks): the
-    burst an idle device may deliver at once, and the slack that keeps a sleep
-    that wakes late (a busy event loop) from lowering the rate. Credit is
+    starts empty and banks up to ``capacity`` bytes of credit while idle (~100 ms,
+    at least 4 chunks): the burst an idle device may deliver at once, and the
+    slack that keeps a sleep that wakes late (a busy event loop) from lowering
+    the rate. Credit is
     debited only after the wait, so a cancelled read takes nothing it did not get.
     """
 
@@ -39,7 +40,7 @@ class _TokenBucket:
         self.rate = rate
         self.chunk = max(_MIN_CHUNK, int(rate * _CHUNK_SECONDS))
         self.capacity = max(4 * self.chunk, int(rate * _BURST_SECONDS))
-        self._tokens = float(self.capacity)
+        self._tokens = 0.0  # a fresh device banks no credit: no burst at the start of a measurement
         self._stamp: float | None = None
         self._lock: anyio.Lock | None = None
 
