@@ -98,10 +98,9 @@ async def _direct_reads(reader: BlockReader, members: list[_Member], budget_lost
     progress = anyio.Event()
     hedge = reader.limits.hedge
 
-    async def one(m: _Member) -> None:
+    async def one(m: _Member, scope: anyio.CancelScope) -> None:
         nonlocal progress
-        with anyio.CancelScope() as scope:
-            scopes[m.pos] = scope
+        with scope:
             try:
                 await reader._fetch(m.block, m.block.source, m.slot, retry=False)
                 m.landed = True
@@ -122,8 +121,9 @@ async def _direct_reads(reader: BlockReader, members: list[_Member], budget_lost
         progress = anyio.Event()
 
     async with anyio.create_task_group() as tg:
-        for m in members:
-            tg.start_soon(one, m)
+        for m in members:  # scopes exist before the tasks run: the loop below sees every read
+            scopes[m.pos] = anyio.CancelScope()
+            tg.start_soon(one, m, scopes[m.pos])
         if not hedge:
             return
         while scopes:
