@@ -3,12 +3,14 @@
 
 One run starts a private single-node Ceph (scripts/ceph-up.sh; memstore OSD, so the objects
 live in RAM) on 127.0.0.1 -- or uses --endpoint with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY --
-makes a bucket, saves a synthetic checkpoint (--size, random fp16 tensors) with
+makes a bucket, saves a synthetic checkpoint (--size, random fp16 tensors of --tensor-size) with
 asyncload.save over --sources prefixes of that bucket (--block-size blocks), then loads it:
 
   obstore-raw         the client library asyncload uses (obstore), on its own: one ranged GET
                       per stored block object, --sources x --reads-per-source in flight, each
                       body collected by obstore and dropped (no copy, no checksum)
+  obstore-raw+copy    the same, each body then copied into one of a set of reused buffers
+                      (what any reader that owns its memory has to do with obstore's bytes)
   aiobotocore-raw     the same GETs through aiobotocore, each body read into one of a set of
                       reused buffers (only when aiobotocore is installed)
   asyncload-lease     python -m asyncload load s3://.../m.asyncload.json --mode lease: blocks
@@ -50,7 +52,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-METHODS = ("obstore-raw", "aiobotocore-raw", "asyncload-lease", "asyncload-stream")
+METHODS = ("obstore-raw", "obstore-raw+copy", "aiobotocore-raw", "asyncload-lease", "asyncload-stream")
 ACCESS_KEY = "bench-access"
 SECRET_KEY = "bench-secret"
 
@@ -82,7 +84,9 @@ def _blocks(manifest: dict[str, Any], bucket_url: str) -> list[tuple[str, int]]:
     return out
 
 
-async def _sample_obstore(endpoint: str, bucket: str, blocks: list[tuple[str, int]], conc: int) -> int:
+async def _sample_obstore(
+    endpoint: str, bucket: str, blocks: list[tuple[str, int]], conc: int, copy: bool = False
+) -> int:
     import obstore
     from obstore.store import S3Store
 
@@ -96,11 +100,18 @@ async def _sample_obstore(endpoint: str, bucket: str, blocks: list[tuple[str, in
     )
     sem = asyncio.Semaphore(conc)
     total = 0
+    longest = max(n for _, n in blocks)
+    bufs = [bytearray(longest) for _ in range(conc)] if copy else []
+    free = list(range(conc))
 
     async def one(path: str, length: int) -> None:
         nonlocal total
         async with sem:
             data = await obstore.get_range_async(store, path, start=0, length=length)
+            if copy:
+                i = free.pop()
+                bufs[i][: len(data)] = memoryview(data)
+                free.append(i)
             total += len(data)
 
     await asyncio.gather(*(one(p, n) for p, n in blocks))
@@ -155,10 +166,12 @@ def run_raw_sample(method: str, endpoint: str, bucket: str, manifest_path: str, 
     atexit.register(time.sleep, 0.02)
     manifest = json.loads(Path(manifest_path).read_text())
     blocks = _blocks(manifest, f"s3://{bucket}")
-    fn = _sample_obstore if method == "obstore-raw" else _sample_aiobotocore
     t0 = time.perf_counter()
     c0 = time.process_time()
-    n = asyncio.run(fn(endpoint, bucket, blocks, conc))
+    if method == "aiobotocore-raw":
+        n = asyncio.run(_sample_aiobotocore(endpoint, bucket, blocks, conc))
+    else:
+        n = asyncio.run(_sample_obstore(endpoint, bucket, blocks, conc, copy=method == "obstore-raw+copy"))
     dt = time.perf_counter() - t0
     cpu = time.process_time() - c0
     print(json.dumps({"bytes": n, "seconds": dt, "gbps": n / dt / 1e9, "cpu_s_per_gb": cpu / (n / 1e9)}))
@@ -169,7 +182,7 @@ def run_raw_sample(method: str, endpoint: str, bucket: str, manifest_path: str, 
 
 def sample(method: str, a: argparse.Namespace, env: dict[str, str], ctx: dict[str, str]) -> dict[str, Any]:
     conc = a.sources * a.reads_per_source
-    if method.endswith("-raw"):
+    if "-raw" in method:
         cmd = [sys.executable, __file__, "--_sample", method, ctx["endpoint"], ctx["bucket"],
                ctx["local_manifest"], str(conc)]  # fmt: skip
     else:
@@ -227,7 +240,7 @@ async def setup(
     os.environ.update(env)
     store = raw_store(endpoint, bucket, env)
     rng = np.random.default_rng(0)
-    per = 64 << 20
+    per = a.tensor_size
     count = max(1, a.size // per)
 
     def tensors() -> Any:
@@ -262,6 +275,12 @@ def main() -> int:
     ap.add_argument("--size", type=parse_size, default=parse_size("1GiB"))
     ap.add_argument("--sources", type=int, default=2, help="prefixes in the bucket (asyncload sources)")
     ap.add_argument("--block-size", type=parse_size, default=parse_size("16MiB"))
+    ap.add_argument(
+        "--tensor-size",
+        type=parse_size,
+        default=parse_size("64MiB"),
+        help="bytes per synthetic tensor; tensors inside one block are leased without a copy",
+    )
     ap.add_argument("--budget", type=parse_size, default=parse_size("256MiB"))
     ap.add_argument("--reads-per-source", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=3)

@@ -31,7 +31,7 @@ done
 
 # Stragglers: our daemons are started with "-c DIR/ceph.conf".
 for proc in /proc/[0-9]*; do
-    cmd=$(tr '\0' ' ' <"$proc/cmdline" 2>/dev/null) || continue
+    cmd=$({ tr '\0' ' ' <"$proc/cmdline"; } 2>/dev/null) || continue
     case "$cmd" in
     ceph-mon\ -c\ "$CONF"\ * | ceph-osd\ -c\ "$CONF"\ * | radosgw\ -c\ "$CONF"\ * | \
         */ceph-mon\ -c\ "$CONF"\ * | */ceph-osd\ -c\ "$CONF"\ * | */radosgw\ -c\ "$CONF"\ *)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import pathlib
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
@@ -29,6 +29,7 @@ from asyncload import AsyncloadError, BlockNotFoundError, SourceUnavailableError
 from asyncload.sources._open import source_for
 from asyncload.sources._s3 import S3Options, S3Source, parse_s3_location
 from asyncload.sources._s3config import resolve
+from asyncload.testing import SourceConformance
 
 BUDGET = 256 * KiB
 
@@ -428,10 +429,7 @@ async def test_load_with_wrong_credentials_fails_cleanly(
     bucket, url, _ = await _saved_on_s3(s3_env, tmp_path)
     local = tmp_path / "m.asyncload.json"
     local.write_bytes(bytes(obstore.get(s3_env.store(bucket), "m.asyncload.json").bytes()))
-    local_doc = json.loads(local.read_bytes())
-    for s in local_doc["sources"]:
-        s["location"] = f"s3://{bucket}/{s['location']}"
-    local.write_text(json.dumps(local_doc))
+    repoint = {"s0": f"s3://{bucket}/d0", "s1": f"s3://{bucket}/d1"}  # the local copy's blocks stay in S3
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY + "x")
     # The manifest on S3 cannot even be read.
     with anyio.fail_after(30), pytest.raises(SourceUnavailableError) as info:
@@ -439,7 +437,7 @@ async def test_load_with_wrong_credentials_fails_cleanly(
     assert "SignatureDoesNotMatch" in str(info.value) and "m.asyncload.json" in str(info.value)
     assert_no_secret(info.value)
     # A local manifest whose blocks are in the bucket: the first block read fails.
-    model = asyncload.open(local, budget=BUDGET)
+    model = asyncload.open(local, budget=BUDGET, sources=repoint)
     async with model as m:
         with anyio.fail_after(30), pytest.raises(AsyncloadError) as info2:
             await m.load()
@@ -570,3 +568,32 @@ def test_a_script_that_exits_right_after_a_failed_put_exits_cleanly(s3_server: S
         assert p.stdout.strip() == "BlockNotFoundError", p.stdout + p.stderr
         codes.append(p.returncode)
     assert codes == [0] * 8, codes
+
+
+# --------------------------------------------------------------------------- the conformance suite
+
+
+class TestS3Conformance(SourceConformance):
+    """The suite every source passes, against the real gateway (one bucket per test)."""
+
+    unreachable_within = 15.0
+
+    @pytest.fixture
+    async def source(self, s3_server: S3Server) -> AsyncIterator[S3Source]:
+        src = S3Source("s3", f"s3://{s3_server.bucket('conf')}/p", options=s3_server.options())
+        yield src
+        await src.aclose()
+
+    @pytest.fixture
+    def unreachable_source(self) -> S3Source:
+        from _s3server import _free_port
+
+        opts = S3Options(
+            endpoint=f"http://127.0.0.1:{_free_port()}",  # nothing listens there
+            access_key_id="a",
+            secret_access_key=SECRET_KEY,
+            connect_timeout=1,
+            max_retries=1,
+            retry_timeout=3,
+        )
+        return S3Source("gone", "s3://bkt/p", options=opts)

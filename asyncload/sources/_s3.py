@@ -5,8 +5,8 @@ client is obstore (Rust ``object_store`` under a tokio runtime): measured
 against aiobotocore on Ceph RGW it moved as many or more bytes per second
 with about a quarter less client CPU per GB (docs/remote.md has the figures).
 
-* Reads are ranged GETs whose body is copied, chunk by chunk as it arrives,
-  straight into the caller's buffer. The range the server says it returns is
+* Reads are ranged GETs whose body is copied, chunk by chunk (4 MiB) as it
+  arrives, straight into the caller's buffer (in a worker thread). The range the server says it returns is
   checked against the one asked for (``Content-Range``), and the byte count
   against it. A body that breaks off (reset, stall) is resumed from the first
   missing byte, pinned to the first response's ETag so that a replaced object
@@ -47,6 +47,7 @@ from obstore.exceptions import (
 from obstore.store import S3Store
 
 from .._exceptions import BlockNotFoundError, SourceError, SourceUnavailableError
+from .._threads import run_sync
 from ._base import Source
 from ._s3config import DEFAULT_S3_OPTIONS, S3Options, S3Settings, boto3_provider, display_endpoint, resolve
 
@@ -55,9 +56,12 @@ if TYPE_CHECKING:
 
 __all__ = ["S3Options", "S3Source", "parse_s3_location"]
 
-# Chunks handed from the client to Python while a body streams in: large enough that the
-# per-chunk overhead is small, small enough that each copy into the slot is short (~0.1 ms).
-_CHUNK = 1 << 20
+# Chunks handed from the client to Python while a body streams in: few enough hand-offs per
+# block that their overhead is small; at most one chunk per read in flight is held outside
+# the caller's buffer. Each chunk of 64 KiB or more is copied into the buffer in a worker
+# thread (the project's rule for copies), so the event loop only schedules.
+_CHUNK = 4 << 20
+_COPY_IN_THREAD = 64 << 10
 # What the client raises: its own classes, and builtin OSErrors (a missing object is a
 # FileNotFoundError, some I/O failures are plain OSErrors).
 _CLIENT_ERRORS = (BaseError, OSError)
@@ -106,6 +110,10 @@ def parse_s3_location(location: str) -> tuple[str, str]:
     if prefix and ("" in prefix.split("/") or {".", ".."} & set(prefix.split("/"))):
         raise BlockNotFoundError(f"{location!r}: the prefix has empty, '.' or '..' parts")
     return bucket, prefix
+
+
+def _copy(dst: memoryview, src: memoryview) -> None:
+    dst[:] = src
 
 
 def _seconds(value: float) -> timedelta:
@@ -249,6 +257,7 @@ class S3Source(Source):
     async def _read(self, path: str, key: str, offset: int, buf: memoryview) -> int:
         want = len(buf)
         if want == 0:
+            await self.size(key)  # a missing object is missing for an empty read too
             return 0
         done = 0
         expected = want  # bytes this read can return; lowered once the object's size is known
@@ -283,7 +292,10 @@ class S3Source(Source):
                         if done + n > expected:
                             overflow = True
                             break
-                        buf[done : done + n] = view
+                        if n >= _COPY_IN_THREAD:
+                            await run_sync(_copy, buf[done : done + n], view, limiter=self.threads)
+                        else:
+                            buf[done : done + n] = view
                         done += n
                 except _CLIENT_ERRORS as e:
                     failure: SourceError = self._error(e, key, "GET (body)")
