@@ -18,6 +18,7 @@ working for callers who do not know asyncload::
     ├── IntegrityError                      bytes read do not match what the manifest says
     │   ├── ChecksumError                   crc32c mismatch
     │   ├── TruncatedBlockError             block shorter than the manifest says
+    │   ├── StripeError                     more blocks of a parity stripe lost than it can rebuild
     │   └── AuthenticationError             a MAC, signature or AEAD tag does not verify
     │       ├── DecryptionError             wrong key, or a block / key envelope was altered
     │       └── KeyRequiredError            encrypted (or must be signed) and no key given
@@ -47,6 +48,7 @@ __all__ = [
     "ManifestError",
     "SourceError",
     "SourceUnavailableError",
+    "StripeError",
     "TruncatedBlockError",
     "UnsupportedDtypeError",
 ]

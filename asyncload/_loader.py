@@ -55,7 +55,7 @@ class LoaderStatistics:
     slot_waits: int  # times a read had to wait for a slot, since open
     blocks_read: int
     checksum_failures: int
-    degraded_reads: int  # blocks served by another copy after one failed
+    degraded_reads: int  # blocks served by another copy or rebuilt from parity after a failure
     bytes_read_per_source: Mapping[str, int]
     sources: Mapping[str, SourceStatistics]
     assembly: AssemblyStatistics | None  # the active stream's reservations, if any

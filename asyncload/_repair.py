@@ -163,9 +163,11 @@ class _Scrub:
         assert reader.parity_ring is not None
         n, p, length = len(stripe.blocks), len(stripe.parity), stripe.length
         members = [self.man.blocks[i] for i in stripe.blocks]
-        async with reader._parity_lock:
-            pslots = [await reader.parity_ring.acquire() for _ in range(p)]
+        pslots: list[Slot] = []
         try:
+            async with reader._parity_lock:  # taken one by one into pslots: a cancel leaks none
+                for _ in range(p):
+                    pslots.append(await reader.parity_ring.acquire())
             bufs = [s.memory.data[:length] for s in slots] + [s.memory.data[:length] for s in pslots]
             errors: dict[int, str] = {}
 

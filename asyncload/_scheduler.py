@@ -99,9 +99,6 @@ class _Health:
         self.failures = 0
 
 
-_PROBE_EVERY = 8  # while a source is read around, every 8th stripe still reads it (so it can recover)
-
-
 class BlockReader:
     """Reads blocks from their sources into slots of ``ring``, checking every byte.
 

@@ -59,10 +59,12 @@ async def pack(
 ) -> SavedPath:
     """Cut a ``.safetensors`` file or HF directory into blocks over the ``to`` directories.
 
-    Block i goes to directory i mod k. The manifest (default:
+    Block i goes to directory i mod k (with ``parity`` P: stripes of k - P blocks plus P parity
+    blocks, positions rotating per stripe). The manifest (default:
     ``<name>.asyncload.json`` beside the first directory) is committed last, atomically.
     ``key`` encrypts the blocks, ``sign_key`` signs the manifest, ``replicas`` R puts every
     block on R distinct directories (i, i+1, ... mod k) (see :func:`asyncload.save`).
+    Returns a :class:`SavedPath` (bytes written and reused, blocks marked missing).
     """
     m = parse_size(block_size, what="block_size")
     if m < MIN_BLOCK_SIZE:

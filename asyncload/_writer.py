@@ -1,11 +1,13 @@
 """Save and pack: bytes -> slots -> blocks scattered over sources -> atomic manifest commit.
 
-Commit protocol. Every save writes *new* block keys (under a fresh checkpoint
-id), each block file written to a temporary name, fsynced and renamed; then
-each source directory is fsynced; only then is the manifest written to a
-temporary file next to its final path, fsynced, renamed over the old one, and
-the directory fsynced. A crash at any point leaves the previous manifest (and
-the blocks it names, which are never touched) loadable.
+Commit protocol. Block keys are content addresses (the SHA-256 of the stored
+bytes): a save never changes the bytes under a key that a manifest names. Each
+block file is written to a temporary name, fsynced and renamed; then each
+source directory is fsynced; only then is the manifest written to a temporary
+file next to its final path, fsynced, renamed over the old one, and the
+directory fsynced. A crash at any point leaves the previous manifest (and the
+blocks it names, which are never touched) loadable, and running the same save
+again finds the blocks already stored and does not write them again.
 """
 
 from __future__ import annotations
@@ -132,7 +134,6 @@ class ScatterWriter:
         self._open: dict[int, list[_Member]] = {}  # stripe group -> members so far
         self._group_sizes: dict[int, int] = {}
         self._next_group = 0
-        self._stripe_no = 0
         self.bytes_written = 0  # stored bytes sent to sources (every copy and parity block)
         self.bytes_reused = 0  # stored bytes found already in place (not written again)
         self.missing: list[str] = []  # why blocks of a parity save could not be stored
@@ -333,8 +334,9 @@ class ScatterWriter:
         self._group_sizes.pop(group, None)
         if group == self._next_group:
             self._next_group += 1
-        tg.start_soon(self._write_stripe, members, self._stripe_no)
-        self._stripe_no += 1
+        # Positions rotate by the stripe's number, so the same input always lands the same way
+        # (a re-run finds every block where the interrupted run put it).
+        tg.start_soon(self._write_stripe, members, group)
 
     def flush(self, tg: anyio.abc.TaskGroup) -> None:
         """Write the open stripe even if it is short (end of the data, or before the header)."""

@@ -14,7 +14,15 @@ from typing import Any
 import anyio
 
 from . import __version__
-from ._config import DEFAULT_BLOCK_SIZE, DEFAULT_BUDGET, format_size, parse_size
+from ._config import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_BUDGET,
+    DEFAULT_HEDGE,
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT,
+    format_size,
+    parse_size,
+)
 from ._exceptions import AsyncloadError, KeyRequiredError
 from ._loader import open as open_model
 from ._metrics import LagMonitor, current_rss, peak_rss, reset_peak_rss
@@ -165,6 +173,9 @@ async def cmd_load(a: argparse.Namespace) -> int:
         reads_per_source=a.reads_per_source,
         key=_key(a),
         verify_key=a.verify_key,
+        timeout=a.timeout if a.timeout > 0 else None,
+        retries=a.retries,
+        hedge=a.hedge,
     ) as model:
         bar = _Progress(model.nbytes, "load", not a.quiet and not a.json)
         async with LagMonitor() as lag:
@@ -196,6 +207,12 @@ async def cmd_load(a: argparse.Namespace) -> int:
         "blocks_read": stats.blocks_read,
         "slot_waits": stats.slot_waits,
         "degraded_reads": stats.degraded_reads,
+        "rebuilt_blocks": stats.rebuilt_blocks,
+        "hedged_reads": stats.hedged_reads,
+        "read_retries": stats.read_retries,
+        "read_timeouts": stats.read_timeouts,
+        "slow_sources": list(stats.slow_sources),
+        "down_sources": list(stats.down_sources),
         "bytes_read_per_source": dict(stats.bytes_read_per_source),
     }
     del kept
@@ -212,6 +229,13 @@ async def cmd_load(a: argparse.Namespace) -> int:
         )
         per = ", ".join(f"{k}: {format_size(v)}" for k, v in stats.bytes_read_per_source.items())
         degraded = f", degraded reads {stats.degraded_reads}" if stats.degraded_reads else ""
+        if stats.rebuilt_blocks:
+            degraded += f" ({stats.rebuilt_blocks} rebuilt from parity)"
+        if stats.hedged_reads:
+            degraded += f", reads around lagging/down sources {stats.hedged_reads}"
+        if stats.down_sources or stats.slow_sources:
+            down, slow = ", ".join(stats.down_sources) or "-", ", ".join(stats.slow_sources) or "-"
+            degraded += f" [down: {down}; slow: {slow}]"
         print(
             f"blocks read {stats.blocks_read}{degraded}, waits for a slot {stats.slot_waits}; "
             f"per source: {per}"
@@ -295,11 +319,23 @@ async def cmd_info(a: argparse.Namespace) -> int:
         f"  {len(m.tensors)} tensors, {m.total_size} bytes ({format_size(m.total_size)}), "
         f"{len(m.blocks)} blocks of up to {format_size(m.block_size)}"
     )
+    replicas = max((1 + len(b.copies) for b in m.blocks), default=1)
+    if m.parity:
+        missing = sum(b.missing for b in m.blocks) + sum(p.missing for st in m.stripes for p in st.parity)
+        note = f"; {missing} blocks marked missing (run verify --repair)" if missing else ""
+        print(
+            f"  redundancy: Reed-Solomon parity {m.parity} per stripe, {len(m.stripes)} stripes "
+            f"(any {m.parity} of the {len(m.sources)} sources may be lost){note}"
+        )
+    elif replicas > 1:
+        print(f"  redundancy: {replicas} replicas of every block")
     for f in m.files:
         print(f"  file {f.path}: {f.size} bytes ({f.kind})")
     for s in m.sources:
-        count = sum(1 for b in m.blocks if b.source == s.id)
-        print(f"  source {s.id}: {s.location} ({count} blocks)")
+        count = sum(1 for b in m.blocks if b.source == s.id or s.id in b.copies)
+        pcount = sum(1 for st in m.stripes for p in st.parity if p.source == s.id)
+        extra = f" + {pcount} parity" if pcount else ""
+        print(f"  source {s.id}: {s.location} ({count} blocks{extra})")
     shown = m.tensors if a.all else m.tensors[:20]
     for t in shown:
         print(f"  {t.name}: {t.dtype} {list(t.shape)} {t.nbytes} bytes")
@@ -391,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         required=True,
         metavar="DIR",
-        help="source directories (block i goes to DIR i mod k)",
+        help="source directories or URLs (block i goes to the i-th mod k; with --parity, stripes rotate)",
     )
     sp.add_argument(
         "-o", "--output", help="manifest path (default: <name>.asyncload.json beside the first DIR)"
@@ -469,6 +505,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker threads for reads and copies (default: cores, min 2)",
     )
     sp.add_argument("--reads-per-source", type=int, default=4, help="concurrent reads per source (default 4)")
+    sp.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"seconds one read may take before it fails (default {DEFAULT_TIMEOUT:g}; 0: no limit)",
+    )
+    sp.add_argument(
+        "--retries",
+        type=int,
+        default=DEFAULT_RETRIES,
+        help=f"retries of a failed read when no replica or parity can serve it (default {DEFAULT_RETRIES})",
+    )
+    sp.add_argument(
+        "--hedge",
+        type=float,
+        default=DEFAULT_HEDGE,
+        metavar="X",
+        help=f"with parity, read around a source X times slower than its peers (default {DEFAULT_HEDGE:g}; "
+        "0: off)",
+    )
     source(sp)
     keys(sp)
     sp.set_defaults(func=cmd_load)

@@ -33,7 +33,8 @@ BUDGET = "64KiB"
 SUBCOMMANDS = {
     "pack": ["--to", "--output", "--block-size", "--budget"],
     "unpack": ["--output", "--budget", "--source"],
-    "load": ["--budget", "--block-size", "--mode", "--json", "--threads", "--reads-per-source", "--source"],
+    "load": ["--budget", "--block-size", "--mode", "--json", "--threads", "--reads-per-source", "--source",
+             "--timeout", "--retries", "--hedge"],
     "verify": ["--budget", "--json", "--source"],
     "info": ["--all", "--json", "--source", "--key-file", "--verify-key"],
     "demo": ["--size", "--budget", "--block-size", "--sources", "--keep", "--parity"],

@@ -32,7 +32,7 @@ class FaultySource(Source):
 
     A block key matches an entry of ``fail_keys``, ``stall_keys``,
     ``truncate_keys`` or ``corrupt_keys`` when it equals the entry or when its
-    last path component does (``"d000003"`` matches ``"<checkpoint id>/d000003"``).
+    last path component does (``"3f2a…"`` matches ``"3f/3f2a…"``, a content-addressed key).
     Per read, in this order:
 
     * ``fail_keys``, or a draw below ``error_rate`` from ``random.Random(seed)``:
