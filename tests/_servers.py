@@ -19,6 +19,7 @@ import os
 import pathlib
 import shutil
 import socket
+import ssl
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -121,7 +122,8 @@ class ObjectServer:
     and half of each GET body, then closes; ``"stall"`` sends the head and half of each GET body,
     then waits until :attr:`release` is set; ``"503-first"`` answers the first attempt of each
     distinct request 503 and serves the retries; ``"norange"`` ignores Range (always 200 and the
-    whole object, as some servers do). ``requests`` counts what arrived, and
+    whole object, as some servers do); ``"chunked"`` sends bodies chunked, with no Content-Length;
+    ``"readonly"`` answers PUT and DELETE with 405. ``requests`` counts what arrived, and
     ``authorization`` keeps the Authorization headers seen.
     """
 
@@ -135,9 +137,11 @@ class ObjectServer:
     stalled: asyncio.Event = field(default_factory=asyncio.Event)
     release: asyncio.Event = field(default_factory=asyncio.Event)
 
+    scheme: str = "http"
+
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}{self.prefix}"
+        return f"{self.scheme}://127.0.0.1:{self.port}{self.prefix}"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER)
@@ -218,6 +222,9 @@ class ObjectServer:
             await self._send(conn, writer, 404, [])
             return True
         key = target[len(self.prefix) + 1 :]
+        if method in ("PUT", "DELETE") and self.mode == "readonly":
+            await self._send(conn, writer, 405, [("Allow", "GET, HEAD")])
+            return True
         if method == "PUT":
             self.objects[key] = body
             await self._send(conn, writer, 201, [])
@@ -252,16 +259,24 @@ class ObjectServer:
                 self.stalled.set()
                 await self.release.wait()
             return False
+        if self.mode == "chunked":  # no Content-Length: h11 frames the body in chunks
+            writer.write(conn.send(h11.Response(status_code=status, headers=extra)) or b"")
+            step = max(1, len(part) // 3)
+            for i in range(0, len(part), step):
+                writer.write(conn.send(h11.Data(data=part[i : i + step])) or b"")
+            writer.write(conn.send(h11.EndOfMessage()) or b"")
+            await writer.drain()
+            return True
         await self._send(conn, writer, status, extra, part)
         return True
 
 
 @contextlib.asynccontextmanager
 async def object_server(
-    objects: dict[str, bytes] | None = None, *, mode: str = "ok"
+    objects: dict[str, bytes] | None = None, *, mode: str = "ok", tls: ssl.SSLContext | None = None
 ) -> AsyncIterator[ObjectServer]:
     """Run an :class:`ObjectServer` on a free loopback port in the current loop; stop it after."""
-    srv = ObjectServer(objects=dict(objects or {}), mode=mode)
+    srv = ObjectServer(objects=dict(objects or {}), mode=mode, scheme="https" if tls else "http")
     tasks: set[asyncio.Task[None]] = set()
     writers: set[asyncio.StreamWriter] = set()
 
@@ -276,7 +291,7 @@ async def object_server(
             writers.discard(w)
             tasks.discard(task)
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=tls)
     srv.port = server.sockets[0].getsockname()[1]
     try:
         yield srv
@@ -289,3 +304,45 @@ async def object_server(
         if tasks:
             await asyncio.wait(list(tasks), timeout=10)
         await server.wait_closed()
+
+
+def self_signed_tls(dir: pathlib.Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server, client) TLS contexts for 127.0.0.1 with a fresh self-signed certificate."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    import ipaddress
+
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = dir / "cert.pem"
+    key_pem = dir / "key.pem"
+    cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_pem.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert_pem, key_pem)
+    client = ssl.create_default_context(cafile=str(cert_pem))
+    return server, client

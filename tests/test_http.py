@@ -24,7 +24,7 @@ import _servers
 import anyio
 import numpy as np
 import pytest
-from _servers import Nginx, ObjectServer, nginx_fixture, object_server  # noqa: F401 - fixture `nginx`
+from _servers import Nginx, ObjectServer, nginx_fixture, object_server, self_signed_tls  # noqa: F401 - fixture `nginx`
 from _stores import KiB, assert_same, make_tensors, save_store, source_dir
 
 import asyncload
@@ -386,3 +386,47 @@ async def test_messages_and_repr_carry_no_credentials() -> None:
         await src.read_into("../escape", 0, memoryview(bytearray(1)))
     assert SECRET not in str(info.value)
     await src.aclose()
+
+
+@pytest.mark.anyio
+async def test_chunked_bodies_load_exactly(
+    two_source_store: tuple[pathlib.Path, dict[str, np.ndarray]],
+) -> None:
+    """No Content-Length: h11 frames the body and the bytes are copied into the slot."""
+    path, tensors = two_source_store
+    async with object_server(_objects_of(path, "s0"), mode="chunked") as srv:
+        assert_all_same(await load_all(path, sources={"s0": srv.url}), tensors)
+        src = HttpSource("h", srv.url)
+        key, data = next(iter(srv.objects.items()))
+        buf = bytearray(len(data) + 10)
+        assert await src.read_into(key, 5, memoryview(buf)) == len(data) - 5
+        assert bytes(buf[: len(data) - 5]) == data[5:]
+        await src.aclose()
+
+
+@pytest.mark.anyio
+async def test_https_round_trip(tmp_path: pathlib.Path) -> None:
+    server_tls, client_tls = self_signed_tls(tmp_path)
+    async with object_server(tls=server_tls) as srv:
+        assert srv.url.startswith("https://")
+        src = HttpSource("tls", srv.url, ssl=client_tls)
+        data = os.urandom(3 * 1024 * 1024 + 7)
+        await src.write("a/b", memoryview(data))
+        buf = bytearray(len(data))
+        assert await src.read_into("a/b", 0, memoryview(buf)) == len(data) and buf == data
+        assert await src.size("a/b") == len(data)
+        await src.aclose()
+        # Without the certificate's CA the handshake fails: a clean error, not retried.
+        untrusting = HttpSource("tls", srv.url)
+        with anyio.fail_after(20), pytest.raises(SourceUnavailableError, match="TLS"):
+            await untrusting.size("a/b")
+        await untrusting.aclose()
+
+
+@pytest.mark.anyio
+async def test_server_without_webdav_refuses_writes_clearly() -> None:
+    async with object_server(mode="readonly") as srv:
+        src = HttpSource("ro", srv.url)
+        with pytest.raises(SourceUnavailableError, match=r"does not accept PUT \(HTTP 405\).*WebDAV"):
+            await src.write("k", memoryview(b"data"))
+        await src.aclose()

@@ -71,6 +71,9 @@ class Connection(asyncio.BufferedProtocol):
         self.used = False  # has a request been sent on it
         self.used_before = False  # had it served one before the current request
         self._scratch = bytearray(_SCRATCH)
+        # Always hand out a memoryview: asyncio's SSL transport reads into ``buf[offset:]``,
+        # which for a bytearray would be a copy (the bytes would be lost).
+        self._scratch_view = memoryview(self._scratch)
         self._h: h11.Connection | None = None
         self._fut: asyncio.Future[Response] | None = None
         self._resp: Response | None = None
@@ -118,14 +121,14 @@ class Connection(asyncio.BufferedProtocol):
                 )
             )
 
-    def get_buffer(self, sizehint: int) -> memoryview | bytearray:
+    def get_buffer(self, sizehint: int) -> memoryview:
         if self._fast and self._fut is not None and not self._fut.done():
             pos, end = self._pos, self._skip + len(self._buf)
             if self._skip <= pos < end:
                 return self._buf[pos - self._skip : min(end, self._length) - self._skip]
             nxt = self._skip if pos < self._skip else self._length
-            return memoryview(self._scratch)[: max(1, min(_SCRATCH, nxt - pos))]
-        return self._scratch
+            return self._scratch_view[: max(1, min(_SCRATCH, nxt - pos))]
+        return self._scratch_view
 
     def buffer_updated(self, nbytes: int) -> None:
         assert self._loop is not None
