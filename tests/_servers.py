@@ -123,7 +123,7 @@ class ObjectServer:
     then waits until :attr:`release` is set; ``"503-first"`` answers the first attempt of each
     distinct request 503 and serves the retries; ``"norange"`` ignores Range (always 200 and the
     whole object, as some servers do); ``"chunked"`` sends bodies chunked, with no Content-Length;
-    ``"readonly"`` answers PUT and DELETE with 405. ``requests`` counts what arrived, and
+    ``"readonly"`` answers PUT and DELETE with 405. ``requests`` and ``connections`` count what arrived, and
     ``authorization`` keeps the Authorization headers seen.
     """
 
@@ -132,6 +132,7 @@ class ObjectServer:
     prefix: str = "/store"
     port: int = 0
     requests: int = 0
+    connections: int = 0
     failed_once: set[tuple[str, str, str]] = field(default_factory=set)
     authorization: list[bytes] = field(default_factory=list)
     stalled: asyncio.Event = field(default_factory=asyncio.Event)
@@ -145,6 +146,7 @@ class ObjectServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER)
+        self.connections += 1
         try:
             while True:
                 req = await self._next_request(conn, reader)

@@ -430,3 +430,19 @@ async def test_server_without_webdav_refuses_writes_clearly() -> None:
         with pytest.raises(SourceUnavailableError, match=r"does not accept PUT \(HTTP 405\).*WebDAV"):
             await src.write("k", memoryview(b"data"))
         await src.aclose()
+
+
+@pytest.mark.anyio
+async def test_connections_are_kept_alive_across_reads_and_misses() -> None:
+    """Sequential requests reuse one connection, 404s included (a save checks every key first)."""
+    async with object_server({"k": b"x" * 5000}) as srv:
+        src = HttpSource("h", srv.url)
+        for i in range(10):
+            assert await src.read_into("k", i, memoryview(bytearray(100))) == 100
+            assert not await src.exists(f"missing-{i}")
+            with pytest.raises(BlockNotFoundError):
+                await src.read_into(f"missing-{i}", 0, memoryview(bytearray(10)))
+        await src.write("new", memoryview(b"abc"))
+        assert await src.size("new") == 3
+        await src.aclose()
+        assert srv.requests == 32 and srv.connections == 1

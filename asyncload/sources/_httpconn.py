@@ -255,27 +255,41 @@ class Connection(asyncio.BufferedProtocol):
         conn = headers.get(b"connection", b"").lower()
         if b"close" in conn or ev.http_version == b"1.0":
             self._keep = False
+        bodyless = self._head or ev.status_code in (204, 304)
         if not 200 <= ev.status_code < 300:
-            # Error bodies are not wanted: answer now, keep the connection only if nothing follows.
-            if headers.get(b"content-length") != b"0":
+            # Error bodies are not wanted. A small one with a length is read and dropped so the
+            # connection stays usable (a 404 per missing block must not cost a reconnect);
+            # anything else: answer now and close.
+            cl = headers.get(b"content-length")
+            if bodyless or cl == b"0":
+                self._finish()
+                return
+            if cl is None or b"transfer-encoding" in headers or int(cl) > _DRAIN_LIMIT or self._h is None:
                 self._keep = False
-            self._finish()
+                self._finish()
+                return
+            self._buf, self._skip = memoryview(b""), 0
+            self._enter_fast(int(cl))
             return
         if ev.status_code == 200:
             self._skip = self._whole_skip
         te = headers.get(b"transfer-encoding")
         cl = headers.get(b"content-length")
-        bodyless = self._head or ev.status_code in (204, 304)
         if not bodyless and te is None and cl is not None and self._h is not None:
-            self._fast = True
-            self._length = int(cl)  # h11 validated it
-            self._resp.body_length = self._length
-            rest = self._h.trailing_data[0]
-            self._h = None
-            if rest:
-                self._store_fast(memoryview(rest))
-            if self._fut is not None and not self._fut.done():
-                self._after_body_bytes()
+            self._resp.body_length = int(cl)  # h11 validated it
+            self._enter_fast(int(cl))
+
+    def _enter_fast(self, length: int) -> None:
+        """From here on the body's ``length`` bytes bypass h11: straight into the window."""
+        assert self._h is not None
+        self._fast = True
+        self._length = length
+        rest = self._h.trailing_data[0]
+        self._h = None
+        if rest:
+            self._store_fast(memoryview(rest))
+        if self._fut is not None and not self._fut.done():
+            self._after_body_bytes()
 
     def _store_fast(self, data: memoryview) -> None:
         """Body bytes that arrived with the head: copy the wanted part into the window."""
