@@ -123,8 +123,9 @@ class ObjectServer:
     then waits until :attr:`release` is set; ``"503-first"`` answers the first attempt of each
     distinct request 503 and serves the retries; ``"norange"`` ignores Range (always 200 and the
     whole object, as some servers do); ``"chunked"`` sends bodies chunked, with no Content-Length;
-    ``"readonly"`` answers PUT and DELETE with 405. ``requests`` and ``connections`` count what arrived, and
-    ``authorization`` keeps the Authorization headers seen.
+    ``"readonly"`` answers PUT and DELETE with 405; ``"gzip"`` labels bodies gzip-encoded.
+    ``requests`` and ``connections`` count what arrived, and ``authorization`` keeps the
+    Authorization headers seen.
     """
 
     objects: dict[str, bytes] = field(default_factory=dict)
@@ -252,6 +253,8 @@ class ObjectServer:
                 return True
             status, part = 206, data[a : b + 1]
             extra = [("Content-Range", f"bytes {a}-{b}/{len(data)}")]
+        if self.mode == "gzip":  # claims an encoding the client did not ask for
+            extra = [*extra, ("Content-Encoding", "gzip")]
         if self.mode in ("close", "stall"):
             head = [*extra, ("Content-Length", str(len(part)))]
             writer.write(conn.send(h11.Response(status_code=status, headers=head)) or b"")

@@ -280,6 +280,7 @@ async def two_source_store(tmp_path: pathlib.Path) -> tuple[pathlib.Path, dict[s
         ("404", BlockNotFoundError, "HTTP 404"),
         ("403", SourceUnavailableError, "access denied (HTTP 403)"),
         ("close", SourceUnavailableError, "truncated"),
+        ("gzip", SourceUnavailableError, "gzip-encoded"),
     ],
 )
 async def test_wire_fault_is_a_clean_error(

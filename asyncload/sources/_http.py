@@ -78,7 +78,11 @@ class HttpSource(Source):
         host_header = self._host if u.port is None else f"{self._host}:{u.port}"
         if ":" in self._host:  # IPv6 literal
             host_header = f"[{self._host}]" if u.port is None else f"[{self._host}]:{u.port}"
-        hdrs = [(b"host", host_header.encode("idna")), (b"user-agent", _USER_AGENT)]
+        hdrs = [
+            (b"host", host_header.encode("idna")),
+            (b"user-agent", _USER_AGENT),
+            (b"accept-encoding", b"identity"),  # block bytes as stored, never recompressed
+        ]
         if u.username is not None:
             cred = f"{unquote(u.username)}:{unquote(u.password or '')}".encode()
             hdrs.append((b"authorization", b"Basic " + base64.b64encode(cred)))
@@ -216,6 +220,12 @@ class HttpSource(Source):
         """One ranged GET into ``buf``: (bytes stored, object size if the server said)."""
         rng = f"bytes={offset}-{offset + len(buf) - 1}".encode()
         resp = await self._request(b"GET", key, extra=((b"range", rng),), sink=buf, whole_skip=offset)
+        coding = resp.headers.get(b"content-encoding", b"identity").strip().lower()
+        if resp.status in (200, 206) and coding not in (b"", b"identity"):
+            raise SourceUnavailableError(
+                f"{self._where(key)}: the server sent the object {coding.decode('latin-1')}-encoded; "
+                "serve blocks as they are (no compression)"
+            )
         if resp.status == 206:
             start, end, total = _content_range(resp.headers.get(b"content-range"))
             if start != offset or end is None or end < start or end >= offset + len(buf):
