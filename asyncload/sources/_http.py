@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import random
 import ssl as _ssl
 from collections.abc import Awaitable, Callable, Mapping
@@ -329,10 +330,20 @@ class HttpSource(Source):
         await anyio.lowlevel.checkpoint()
 
     def __del__(self) -> None:
-        # A source nobody closed: let its idle sockets go rather than warn at collection.
+        # A source nobody closed: let its idle sockets go rather than warn at collection. The
+        # collector may run in another thread: only the loop's own thread touches transports.
         pool = getattr(self, "_pool", None)
-        if pool is not None:
+        if pool is None or pool.loop.is_closed():
+            return
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if here is pool.loop:
             pool.close_idle()
+        else:
+            with contextlib.suppress(RuntimeError):
+                pool.loop.call_soon_threadsafe(pool.close_idle)
 
 
 def _redact(location: str) -> str:
