@@ -134,6 +134,7 @@ class ObjectServer:
     port: int = 0
     requests: int = 0
     connections: int = 0
+    closed: int = 0  # connections that ended (the client closed them, or the server did)
     failed_once: set[tuple[str, str, str]] = field(default_factory=set)
     authorization: list[bytes] = field(default_factory=list)
     stalled: asyncio.Event = field(default_factory=asyncio.Event)
@@ -162,6 +163,7 @@ class ObjectServer:
         except (ConnectionError, h11.ProtocolError):
             return
         finally:
+            self.closed += 1
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()

@@ -10,6 +10,7 @@ configured timeout, with no wrong bytes, no slot left held and no credential in 
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import os
 import pathlib
@@ -25,7 +26,7 @@ import anyio
 import numpy as np
 import pytest
 from _servers import Nginx, ObjectServer, nginx_fixture, object_server, self_signed_tls  # noqa: F401 - fixture `nginx`
-from _stores import KiB, assert_same, make_tensors, save_store, source_dir
+from _stores import KiB, assert_same, make_tensors, save_store, source_dir, wait_until
 
 import asyncload
 from asyncload import BlockNotFoundError, SourceUnavailableError
@@ -447,3 +448,27 @@ async def test_connections_are_kept_alive_across_reads_and_misses() -> None:
         assert await src.size("new") == 3
         await src.aclose()
         assert srv.requests == 32 and srv.connections == 1
+
+
+@pytest.mark.anyio
+async def test_no_connection_outlives_a_save_or_an_unclosed_source(tmp_path: pathlib.Path) -> None:
+    tensors = make_tensors(12, seed=11)
+    async with object_server() as srv:
+        await asyncload.save(
+            tensors,
+            tmp_path / "m.asyncload.json",
+            sources=[f"{srv.url}/d0", str(tmp_path / "d1")],
+            block_size=4 * KiB,
+            budget=LOAD_BUDGET,
+        )
+        assert srv.connections >= 1 and any(k.startswith("d0/") for k in srv.objects)
+        await wait_until(lambda: srv.closed == srv.connections, what="the save's connections closed")
+        assert_all_same(await load_all(tmp_path / "m.asyncload.json"), tensors)
+        await wait_until(lambda: srv.closed == srv.connections, what="the load's connections closed")
+        # A source dropped without aclose() lets its idle connection go when collected.
+        src = HttpSource("h", srv.url)
+        assert await src.exists(next(iter(srv.objects)))
+        before = srv.closed
+        del src
+        gc.collect()
+        await wait_until(lambda: srv.closed == before + 1, what="the dropped source's connection closed")
