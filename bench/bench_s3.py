@@ -13,16 +13,20 @@ asyncload.save over --sources prefixes of that bucket (--block-size blocks), the
                       (what any reader that owns its memory has to do with obstore's bytes)
   aiobotocore-raw     the same GETs through aiobotocore, each body read into one of a set of
                       reused buffers (only when aiobotocore is installed)
-  asyncload-lease     python -m asyncload load s3://.../m.asyncload.json --mode lease: blocks
-                      copied into the slot ring, crc32c checked, tensors as zero-copy views
-  asyncload-stream    ... --mode stream: the same, each tensor copied out to an owned array
+  asyncload-lease     asyncload.open(s3://.../m.asyncload.json) and model.stream(copy=False):
+                      blocks copied into the slot ring, crc32c checked, tensors inside one
+                      block as zero-copy views (the others copied out), each dropped
+  asyncload-stream    the same with model.stream(): every tensor copied out to an owned array
+  cli-lease, cli-stream  (only when asked for with --methods) `python -m asyncload load URL
+                      --mode lease|stream --json`, whose event-loop lag monitor (a 1 ms timer)
+                      costs CPU of its own
 
 Every sample runs in a fresh subprocess, methods interleaved (order rotated per repetition),
 median of --repeat. "process CPU" is the sample process's user+system time (start-up and
 imports included) per GB; the gateway's own CPU is not in it. GB/s are decimal, of the bytes
 each method delivers (the raw methods count whole block objects, asyncload counts tensor
-bytes: the same within the header's few KiB). asyncload's time includes opening the model
-(manifest GET, slot ring allocated and touched); the raw methods time only their GETs.
+bytes: the same within the header's few KiB). Every sample times its work after imports;
+asyncload's includes opening the model (manifest GET, slot ring allocated and touched).
 The acceptance line checks asyncload-lease and asyncload-stream against obstore-raw (>= 0.8x).
 Results go to bench/results/s3-<timestamp>.json.
 
@@ -53,6 +57,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 METHODS = ("obstore-raw", "obstore-raw+copy", "aiobotocore-raw", "asyncload-lease", "asyncload-stream")
+OPTIONAL = ("cli-lease", "cli-stream")
 ACCESS_KEY = "bench-access"
 SECRET_KEY = "bench-secret"
 
@@ -158,23 +163,46 @@ async def _sample_aiobotocore(endpoint: str, bucket: str, blocks: list[tuple[str
     return total
 
 
-def run_raw_sample(method: str, endpoint: str, bucket: str, manifest_path: str, conc: int) -> None:
+def _run(coro: Any, backend: str) -> Any:
+    if backend == "uvloop":
+        import uvloop
+
+        return uvloop.run(coro)
+    return asyncio.run(coro)
+
+
+async def _sample_asyncload(url: str, mode: str, budget: int, reads_per_source: int) -> int:
+    import asyncload
+
+    n = 0
+    async with asyncload.open(url, budget=budget, reads_per_source=reads_per_source) as model:
+        async with model.stream(copy=mode == "stream") as stream:
+            async for _name, arr in stream:
+                n += arr.nbytes
+                del arr  # a streaming consumer lets go before asking for the next
+    return n
+
+
+def run_sample(method: str, backend: str, args: list[str]) -> None:
     import atexit
 
     # The reason is in asyncload/sources/_s3.py (_let_client_threads_finish): without it a
     # process that exits right after its last obstore call may abort.
     atexit.register(time.sleep, 0.02)
-    manifest = json.loads(Path(manifest_path).read_text())
-    blocks = _blocks(manifest, f"s3://{bucket}")
-    t0 = time.perf_counter()
-    c0 = time.process_time()
-    if method == "aiobotocore-raw":
-        n = asyncio.run(_sample_aiobotocore(endpoint, bucket, blocks, conc))
+    if method.startswith("asyncload-"):
+        url, budget, rps = args
+        coro = _sample_asyncload(url, method.removeprefix("asyncload-"), int(budget), int(rps))
     else:
-        n = asyncio.run(_sample_obstore(endpoint, bucket, blocks, conc, copy=method == "obstore-raw+copy"))
+        endpoint, bucket, manifest_path, conc = args
+        blocks = _blocks(json.loads(Path(manifest_path).read_text()), f"s3://{bucket}")
+        if method == "aiobotocore-raw":
+            coro = _sample_aiobotocore(endpoint, bucket, blocks, int(conc))
+        else:
+            coro = _sample_obstore(endpoint, bucket, blocks, int(conc), copy=method == "obstore-raw+copy")
+    t0 = time.perf_counter()
+    n = _run(coro, backend)
     dt = time.perf_counter() - t0
-    cpu = time.process_time() - c0
-    print(json.dumps({"bytes": n, "seconds": dt, "gbps": n / dt / 1e9, "cpu_s_per_gb": cpu / (n / 1e9)}))
+    print(json.dumps({"bytes": n, "seconds": dt, "gbps": n / dt / 1e9}))
 
 
 # --------------------------------------------------------------------------- orchestration
@@ -182,14 +210,16 @@ def run_raw_sample(method: str, endpoint: str, bucket: str, manifest_path: str, 
 
 def sample(method: str, a: argparse.Namespace, env: dict[str, str], ctx: dict[str, str]) -> dict[str, Any]:
     conc = a.sources * a.reads_per_source
-    if "-raw" in method:
-        cmd = [sys.executable, __file__, "--_sample", method, ctx["endpoint"], ctx["bucket"],
-               ctx["local_manifest"], str(conc)]  # fmt: skip
-    else:
-        mode = method.removeprefix("asyncload-")
+    if method.startswith("cli-"):
         cmd = [sys.executable, "-m", "asyncload", "--backend", a.backend, "-q", "load", ctx["url"],
-               "--mode", mode, "--budget", str(a.budget), "--reads-per-source", str(a.reads_per_source),
-               "--json"]  # fmt: skip
+               "--mode", method.removeprefix("cli-"), "--budget", str(a.budget),
+               "--reads-per-source", str(a.reads_per_source), "--json"]  # fmt: skip
+    elif method.startswith("asyncload-"):
+        cmd = [sys.executable, __file__, "--_sample", method, a.backend, ctx["url"], str(a.budget),
+               str(a.reads_per_source)]  # fmt: skip
+    else:
+        cmd = [sys.executable, __file__, "--_sample", method, a.backend, ctx["endpoint"], ctx["bucket"],
+               ctx["local_manifest"], str(conc)]  # fmt: skip
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -268,8 +298,7 @@ async def setup(
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--_sample":
-        _, _, method, endpoint, bucket, manifest, conc = sys.argv
-        run_raw_sample(method, endpoint, bucket, manifest, int(conc))
+        run_sample(sys.argv[2], sys.argv[3], sys.argv[4:])
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=parse_size, default=parse_size("1GiB"))
@@ -285,7 +314,9 @@ def main() -> int:
     ap.add_argument("--reads-per-source", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--backend", default="uvloop", choices=["asyncio", "uvloop"])
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument(
+        "--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS + OPTIONAL)}"
+    )
     ap.add_argument(
         "--endpoint", help="use this S3 endpoint (credentials from AWS_*) instead of a private Ceph"
     )
