@@ -388,6 +388,9 @@ async def test_messages_and_repr_carry_no_credentials() -> None:
         await src.read_into("../escape", 0, memoryview(bytearray(1)))
     assert SECRET not in str(info.value)
     await src.aclose()
+    with pytest.raises(SourceUnavailableError, match="not an http") as bad:
+        HttpSource("x", f"http://u:{SECRET}@/no-host")
+    assert SECRET not in str(bad.value)
 
 
 @pytest.mark.anyio

@@ -67,7 +67,9 @@ class HttpSource(Source):
         u = urlsplit(location)
         scheme = u.scheme.lower()
         if scheme not in ("http", "https") or not u.hostname:
-            raise ValueError(f"source {id!r}: not an http(s) URL: {_redact(location)!r}")
+            raise SourceUnavailableError(
+                f"source {id!r}: {_redact(location)!r} is not an http(s) URL with a host"
+            )
         if connections < 1 or retries < 0:
             raise ValueError(f"source {id!r}: connections must be >= 1 and retries >= 0")
         super().__init__(id, _redact(location))  # the location shown anywhere has no credentials
