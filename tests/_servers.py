@@ -123,7 +123,8 @@ class ObjectServer:
     then waits until :attr:`release` is set; ``"503-first"`` answers the first attempt of each
     distinct request 503 and serves the retries; ``"norange"`` ignores Range (always 200 and the
     whole object, as some servers do); ``"chunked"`` sends bodies chunked, with no Content-Length;
-    ``"readonly"`` answers PUT and DELETE with 405; ``"gzip"`` labels bodies gzip-encoded.
+    ``"readonly"`` answers PUT and DELETE with 405; ``"gzip"`` labels bodies gzip-encoded;
+    ``"headless"`` answers HEAD without a length.
     ``requests`` and ``connections`` count what arrived, and ``authorization`` keeps the
     Authorization headers seen.
     """
@@ -241,6 +242,11 @@ class ObjectServer:
         data = self.objects.get(key)
         if data is None:
             await self._send(conn, writer, 404, [], b"not found" if method == "GET" else b"")
+            return True
+        if method == "HEAD" and self.mode == "headless":  # a HEAD that tells no length
+            writer.write(conn.send(h11.Response(status_code=200, headers=[])) or b"")
+            writer.write(conn.send(h11.EndOfMessage()) or b"")
+            await writer.drain()
             return True
         if method == "HEAD":
             await self._send(conn, writer, 200, [("Content-Length", str(len(data)))], head=True)

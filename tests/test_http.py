@@ -475,3 +475,14 @@ async def test_no_connection_outlives_a_save_or_an_unclosed_source(tmp_path: pat
         del src
         gc.collect()
         await wait_until(lambda: srv.closed == before + 1, what="the dropped source's connection closed")
+
+
+@pytest.mark.anyio
+async def test_size_when_head_tells_no_length() -> None:
+    async with object_server({"k": b"y" * 12345, "e": b""}, mode="headless") as srv:
+        src = HttpSource("h", srv.url)
+        assert await src.size("k") == 12345  # from a one-byte ranged GET's Content-Range
+        assert await src.size("e") == 0  # 416: nothing at offset 0
+        with pytest.raises(BlockNotFoundError):
+            await src.size("missing")
+        await src.aclose()
