@@ -272,6 +272,31 @@ async def test_p_plus_one_lost_blocks_of_one_stripe_fail_only_that_stripe(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize(("k", "parity"), [(3, 1), (4, 2), (10, 4)], ids=["k3p1", "k4p2", "k10p4"])
+async def test_the_smallest_budget_rebuilds_inside_k_slots(
+    tmp_path: pathlib.Path, k: int, parity: int
+) -> None:
+    """S = k x m (the rule, checked up front) is enough to rebuild: data and parity slots never exceed k."""
+    tensors = make_tensors(seed=13)
+    path = await save(tmp_path, k, parity, tensors, budget=k * BS)
+    m = read_manifest(path)
+    dirs = [source_dir(path, s.id) for s in m.sources]
+    patterns = list(itertools.combinations(range(k), parity))
+    for lost in patterns[:: max(1, len(patterns) // 30)]:
+        with renamed_away([dirs[i] for i in lost]):
+            with anyio.fail_after(20):
+                async with asyncload.open(path, budget=k * BS) as model:
+                    got = await model.load()
+                    st = model.statistics()
+        assert_all_same(got, tensors)
+        assert_idle(st)
+        assert st.slots_total == k and st.peak_slots_in_use <= k and st.rebuilt_blocks > 0
+    with pytest.raises(asyncload.BudgetError, match=f"{k} sources"):
+        async with asyncload.open(path, budget=k * BS - 1):
+            pass
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("seal", ["encrypted", "signed"])
 async def test_sealed_stores_rebuild_every_loss_of_p_sources(tmp_path: pathlib.Path, seal: str) -> None:
     """Encrypted blocks (stored 16 bytes longer) and signed manifests (a sha256 per block) with parity."""
