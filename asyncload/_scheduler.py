@@ -95,7 +95,10 @@ class _Health:
         if nbytes <= 0:
             return
         x = seconds / nbytes
-        self.sec_per_byte = x if self.sec_per_byte is None else 0.7 * self.sec_per_byte + 0.3 * x
+        if self.sec_per_byte is None or x < self.sec_per_byte:
+            self.sec_per_byte = x  # a fast read counts at once: a source recovers from one hiccup
+        else:
+            self.sec_per_byte = 0.7 * self.sec_per_byte + 0.3 * x
         self.failures = 0
 
 
