@@ -41,7 +41,7 @@ from ._scheduler import BlockReader, checksum, open_reader
 from ._threads import run_sync
 from .codecs import ErasureCode, StripeError, decode_into
 from .sources import Source
-from .sources._open import is_remote, source_for
+from .sources._open import close_sources, is_remote, source_for
 
 if TYPE_CHECKING:
     from ._security import BlockCipher
@@ -296,6 +296,7 @@ async def scrub(
             await sources[sid].sync()
     finally:
         reader.close()
+        await close_sources({*sources.values(), *opened.sources.values()})
     bad = sorted(job.bad, key=lambda b: (b.index, b.parity is not None, b.parity or 0, b.source))
     notes: list[str] = []
     updated = False

@@ -18,6 +18,7 @@ from ._scheduler import open_reader, unwrap_group
 from ._threads import run_sync
 from ._writer import Progress, SavedPath, pack_opened
 from .sources._local import fsync_dir, makedirs_private
+from .sources._open import close_sources, join_location, parent_location
 
 if TYPE_CHECKING:
     from ._security import BlockCipher
@@ -76,7 +77,7 @@ async def pack(
         raise FormatError(f"{src}: already an asyncload manifest; pack takes .safetensors or an HF directory")
     if manifest is None:
         name = Path(os.fspath(src)).name.removesuffix(".safetensors") or "model"
-        manifest = Path(os.fspath(to[0])).parent / f"{name}.asyncload.json"
+        manifest = join_location(parent_location(os.fspath(to[0])), f"{name}.asyncload.json")
     limits = _limits(budget, m, len(to))
     out = await pack_opened(
         opened,
@@ -195,6 +196,7 @@ async def unpack(
         await run_sync(finish)
         ok = True
     finally:
+        await close_sources(opened.sources.values())
         for fd in fds.values():
             os.close(fd)
         if not ok:

@@ -36,7 +36,7 @@ from ._scheduler import INLINE_BYTES, BlockReader, checksum, sha256_hex, unwrap_
 from ._threads import run_sync
 from .sources import Source
 from .sources._local import fsync_dir, makedirs_private, write_file_atomic
-from .sources._open import is_remote, source_for, split_location, write_object
+from .sources._open import close_sources, is_remote, source_for, split_location, write_object
 
 if TYPE_CHECKING:
     from ._security import BlockCipher
@@ -468,6 +468,21 @@ async def save_tensors(
     tensors: TensorsInput,
     manifest_path: str | os.PathLike[str],
     sources: Sequence[str | os.PathLike[str]],
+    **kw: Any,
+) -> SavedPath:
+    """Serialize tensors as a safetensors stream into slots, scatter, then commit (see _save_into)."""
+    srcs = _open_sources(sources)
+    try:
+        return await _save_into(srcs, tensors, manifest_path, sources, **kw)
+    finally:
+        await close_sources(srcs)
+
+
+async def _save_into(
+    srcs: list[Source],
+    tensors: TensorsInput,
+    manifest_path: str | os.PathLike[str],
+    sources: Sequence[str | os.PathLike[str]],
     *,
     limits: Limits,
     metadata: Mapping[str, str] | None = None,
@@ -485,7 +500,6 @@ async def save_tensors(
     is sealed: an (async) iterable is collected first (its arrays stay
     referenced until the save ends) and the header is laid out up front.
     """
-    srcs = _open_sources(sources)
     limits.check(len(srcs))
     mpath = os.fspath(manifest_path)  # a path or a URL
     mdir, mname = split_location(mpath)
@@ -686,6 +700,21 @@ async def pack_opened(
     opened: Opened,
     manifest_path: str | os.PathLike[str],
     sources: Sequence[str | os.PathLike[str]],
+    **kw: Any,
+) -> SavedPath:
+    """Copy an in-place input (safetensors file or HF directory) into a block store (see _pack_into)."""
+    dest = _open_sources(sources)
+    try:
+        return await _pack_into(dest, opened, manifest_path, sources, **kw)
+    finally:
+        await close_sources(dest)
+
+
+async def _pack_into(
+    dest: list[Source],
+    opened: Opened,
+    manifest_path: str | os.PathLike[str],
+    sources: Sequence[str | os.PathLike[str]],
     *,
     limits: Limits,
     progress: Progress | None = None,
@@ -695,7 +724,6 @@ async def pack_opened(
     parity: int = 0,
 ) -> SavedPath:
     """Copy an in-place input (safetensors file or HF directory) into a block store."""
-    dest = _open_sources(sources)
     limits.check(len(dest))
     src_man = opened.manifest
     mpath = os.fspath(manifest_path)  # a path or a URL

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import os
 import posixpath
+from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from ._base import Source
 from ._local import LocalSource
 
-__all__ = ["is_remote", "join_location", "parent_location", "source_for", "split_location"]
+__all__ = ["close_sources", "is_remote", "join_location", "parent_location", "source_for", "split_location"]
 
 REMOTE_SCHEMES = ("http", "https", "s3")
 
@@ -118,3 +119,12 @@ async def write_object(location: str, data: bytes) -> None:
         await src.write(name, memoryview(data))
     finally:
         await src.aclose()
+
+
+async def close_sources(sources: Iterable[Source]) -> None:
+    """Close every source (connections, handles), even while the caller is being cancelled."""
+    import anyio
+
+    with anyio.CancelScope(shield=True):
+        for s in sources:
+            await s.aclose()
