@@ -200,7 +200,11 @@ def test_plain_http_only_on_loopback_unless_allowed(monkeypatch: pytest.MonkeyPa
     kw: dict[str, Any] = {"access_key_id": "a", "secret_access_key": "s"}
     # Constructing a source makes no request: nothing here leaves the machine.
     for ok in ("http://127.0.0.1:9000", "http://localhost:9000", "http://[::1]:9000", "https://s3.example"):
-        assert S3Source("x", "s3://b", options=S3Options(endpoint=ok, **kw)).bucket == "b"
+        src = S3Source("x", "s3://b", options=S3Options(endpoint=ok, **kw))
+        assert src.bucket == "b"
+        # Over TLS the body is not hashed into the signature (as botocore); over plain http it is.
+        unsigned = str(src._store.config.get("unsigned_payload")).lower() == "true"
+        assert unsigned == ok.startswith("https:"), ok
     with pytest.raises(SourceUnavailableError, match="plain http on a non-loopback address"):
         S3Source("x", "s3://b", options=S3Options(endpoint="http://minio.example:9000", **kw))
     with pytest.raises(SourceUnavailableError, match="plain http") as info:
