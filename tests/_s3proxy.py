@@ -9,8 +9,9 @@ gateway), one upstream connection per request. ``mode`` picks the fault:
   its body, then the connection is closed.
 * ``"stall"``: every GET response sends its head and 64 KiB of body, then nothing more until
   :meth:`FaultProxy.release` or the client gives up.
+* ``"pass"``: no fault; only :attr:`FaultProxy.requests` records what was asked.
 
-``faults`` counts the faults injected.
+``faults`` counts the faults injected; ``requests`` lists ``(method, target)`` of every request.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ _SLOWDOWN = (
 
 class FaultProxy:
     def __init__(self, upstream_port: int, *, mode: str) -> None:
-        assert mode in ("503-first", "cut-first", "stall"), mode
+        assert mode in ("503-first", "cut-first", "stall", "pass"), mode
         self.upstream_port = upstream_port
         self.mode = mode
         self.faults = 0
+        self.requests: list[tuple[str, str]] = []
         self.port = 0
         self._seen: set[tuple[bytes, bytes, bytes]] = set()
         self._released = anyio.Event()
@@ -115,6 +117,7 @@ class FaultProxy:
     ) -> bool:
         """Answer one request; False when the connection was closed on purpose."""
         headers = dict(request.headers)
+        self.requests.append((request.method.decode(), request.target.decode()))
         key = (request.method, request.target, headers.get(b"range", b""))
         first = key not in self._seen
         self._seen.add(key)

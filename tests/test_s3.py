@@ -511,6 +511,24 @@ async def test_body_broken_off_is_resumed_exactly(s3_server: S3Server) -> None:
 
 
 @pytest.mark.anyio
+async def test_a_missing_object_costs_one_head_once_the_bucket_is_known(s3_server: S3Server) -> None:
+    """The writer HEADs every block before writing it: a 404 must not cost a second request."""
+    bucket = s3_server.bucket()
+    async with FaultProxy(s3_server.port, mode="pass") as proxy:
+        src = S3Source("s3", f"s3://{bucket}/p", options=s3_server.options(endpoint=proxy.endpoint))
+        with pytest.raises(BlockNotFoundError, match="no object 'p/a' in bucket"):
+            await src.size("a")  # nothing known yet: HEAD, then a 1-byte GET for the S3 code
+        assert [m for m, _ in proxy.requests] == ["HEAD", "GET"]
+        proxy.requests.clear()
+        with pytest.raises(BlockNotFoundError, match="no object 'p/b' in bucket"):
+            await src.size("b")
+        assert [m for m, _ in proxy.requests] == ["HEAD"]
+        gone = S3Source("s3x", "s3://no-such-bucket-hd/p", options=s3_server.options(endpoint=proxy.endpoint))
+        with pytest.raises(BlockNotFoundError, match="bucket 'no-such-bucket-hd' does not exist"):
+            await gone.size("a")
+
+
+@pytest.mark.anyio
 async def test_stalled_gateway_times_out_within_the_stall_timeout(s3_server: S3Server) -> None:
     bucket = s3_server.bucket()
     await obstore.put_async(s3_server.store(bucket), "obj", b"z" * (2 * MiB))

@@ -137,6 +137,7 @@ class S3Source(Source):
         self.endpoint = display_endpoint(self.settings.endpoint, self.settings.region)
         self._store = self._make_store()
         self._limiter: anyio.CapacityLimiter | None = None  # made on first use, inside the event loop
+        self._bucket_exists = False  # set once an answer showed it (a 404 is then NoSuchKey)
 
     def _make_store(self) -> S3Store:
         o, s = self.options, self.settings
@@ -310,6 +311,7 @@ class S3Source(Source):
                             f"sent more than the {expected} bytes of the range"
                         )
                     if done == expected:
+                        self._bucket_exists = True
                         return done
                     failure = SourceUnavailableError(
                         f"source {self.id!r}: GET {self._where(key)} at {self.endpoint}: the body ended "
@@ -327,20 +329,29 @@ class S3Source(Source):
                 meta = await obstore.head_async(self._store, path)
             except _CLIENT_ERRORS as e:
                 raise await self._explain(e, path, key) from None
+        self._bucket_exists = True
         return int(meta["size"])
 
     async def _explain(self, e: Exception, path: str, key: str) -> SourceError:
-        """The error for a failed HEAD. A HEAD answer has no body, so no S3 error code; for a 403
-        or 404, one 1-byte GET asks again to learn it (NoSuchBucket, SignatureDoesNotMatch...)."""
+        """The error for a failed HEAD. A HEAD answer has no body, so no S3 error code; for a 403,
+        or a 404 before anything showed that the bucket exists, one 1-byte GET asks again to
+        learn it (SignatureDoesNotMatch, NoSuchBucket...). The writer HEADs every block before
+        writing it, so a 404 in a bucket known to exist must cost no second request."""
         error = self._error(e, key, "HEAD")
-        if not isinstance(
-            e, NotFoundError | FileNotFoundError | PermissionDeniedError | UnauthenticatedError
-        ):
+        if isinstance(e, NotFoundError | FileNotFoundError):
+            if self._bucket_exists:
+                return BlockNotFoundError(
+                    f"source {self.id!r}: HEAD {self._where(key)} at {self.endpoint}: no object "
+                    f"{path!r} in bucket {self.bucket!r}"
+                )
+        elif not isinstance(e, PermissionDeniedError | UnauthenticatedError):
             return error
         try:
             await obstore.get_range_async(self._store, path, start=0, length=1)
         except _CLIENT_ERRORS as e2:
             if _CODE_RE.search(str(e2)):
+                if "<Code>NoSuchKey</Code>" in str(e2):
+                    self._bucket_exists = True
                 return self._error(e2, key, "HEAD")
         return error
 
@@ -366,6 +377,7 @@ class S3Source(Source):
                         )
                     except _CLIENT_ERRORS as e:
                         raise self._error(e, key, "multipart upload" if multipart else "PUT") from None
+                    self._bucket_exists = True
         except Exception:
             self._errors += 1
             raise
