@@ -619,3 +619,47 @@ class TestS3Conformance(SourceConformance):
             retry_timeout=3,
         )
         return S3Source("gone", "s3://bkt/p", options=opts)
+
+
+def test_cli_pack_to_disk_and_s3_then_load_and_unpack_by_url(
+    s3_env: S3Server, tmp_path: pathlib.Path
+) -> None:
+    import subprocess
+    import sys
+
+    from safetensors.numpy import save_file
+
+    tensors = make_tensors(30, seed=17, max_bytes=40 * KiB)
+    src = tmp_path / "model.safetensors"
+    save_file(tensors, str(src))
+    bucket = s3_env.bucket()
+    url = f"s3://{bucket}/cli/model.asyncload.json"
+
+    def cli(*args: str) -> str:
+        p = subprocess.run(  # the environment s3_env set up is inherited
+            [sys.executable, "-m", "asyncload", "--backend", "asyncio", "-q", *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert p.returncode == 0, f"rc={p.returncode}\n{p.stdout}\n{p.stderr}"
+        assert SECRET_KEY not in p.stdout + p.stderr
+        return p.stdout
+
+    cli(
+        "pack",
+        str(src),
+        "--to",
+        str(tmp_path / "disk"),
+        f"s3://{bucket}/cli/d1",
+        "-o",
+        url,
+        "--block-size",
+        "8KiB",
+    )
+    result = json.loads(cli("load", url, "--json", "--budget", "256KiB"))
+    assert result["bytes"] == sum(t.nbytes for t in tensors.values())
+    assert all(v > 0 for v in result["bytes_read_per_source"].values()), result
+    cli("unpack", url, "-o", str(tmp_path / "restored.safetensors"))
+    assert (tmp_path / "restored.safetensors").read_bytes() == src.read_bytes()
