@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import numpy as np
 import obstore
 import pytest
@@ -542,6 +543,35 @@ async def test_stalled_gateway_times_out_within_the_stall_timeout(s3_server: S3S
         assert_no_secret(info.value)
         assert src.statistics().in_flight == 0 and src.statistics().errors == 1
         proxy.release()
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_read_and_write_leave_nothing_behind(s3_server: S3Server) -> None:
+    bucket = s3_server.bucket()
+    data = np.random.default_rng(5).integers(0, 256, 8 * MiB, dtype=np.uint8).tobytes()
+    await obstore.put_async(s3_server.store(bucket), "obj", data)
+    async with FaultProxy(s3_server.port, mode="stall") as proxy:
+        src = S3Source("s3", f"s3://{bucket}", options=s3_server.options(endpoint=proxy.endpoint))
+        buf = bytearray(len(data))
+        with anyio.move_on_after(1.0) as scope:  # the body stalls after 64 KiB: only a cancel ends it
+            await src.read_into("obj", 0, memoryview(buf))
+        assert scope.cancelled_caught
+        st = src.statistics()
+        assert st.in_flight == 0 and st.errors == 0 and st.reads == 0, st
+        proxy.release()
+    # A write cancelled while its PUT is on the wire finishes the PUT first (the client reads the
+    # buffer in place), so the object is whole and the buffer was never touched by a reuse.
+    src = S3Source("s3", f"s3://{bucket}", options=s3_server.options())
+    payload = bytearray(data)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(src.write, "w", memoryview(payload))
+        await anyio.lowlevel.checkpoint()
+        await anyio.lowlevel.checkpoint()
+        tg.cancel_scope.cancel()
+    assert src.statistics().in_flight == 0
+    if await src.exists("w"):
+        got = bytearray(len(data))
+        assert await src.read_into("w", 0, memoryview(got)) == len(data) and bytes(got) == data
 
 
 @pytest.mark.anyio
