@@ -3,14 +3,15 @@
 ``s3://bucket/prefix`` holds block ``key`` as the object ``prefix/key``. The
 client is obstore (Rust ``object_store`` under a tokio runtime): measured
 against aiobotocore on Ceph RGW it moved as many or more bytes per second
-with about a quarter less client CPU per GB (docs/remote.md has the figures).
+with a quarter to a half less client CPU per GB (docs/remote.md has the figures).
 
 * Reads are ranged GETs whose body is copied, chunk by chunk (4 MiB) as it
-  arrives, straight into the caller's buffer (in a worker thread). The range the server says it returns is
-  checked against the one asked for (``Content-Range``), and the byte count
-  against it. A body that breaks off (reset, stall) is resumed from the first
-  missing byte, pinned to the first response's ETag so that a replaced object
-  is never mixed with the old one. A read starting at or past the end returns 0.
+  arrives, straight into the caller's buffer (in a worker thread). The range
+  the server says it returns is checked against the one asked for
+  (``Content-Range``), and the byte count against it. A body that breaks off
+  (reset, stall) is resumed from the first missing byte, pinned to the first
+  response's ETag so that a replaced object is never mixed with the old one.
+  A read starting at or past the end returns 0.
 * Writes are one PUT, or a multipart upload above ``multipart_threshold``;
   either way the object appears whole or not at all. obstore reads the
   caller's buffer in place while it uploads, so a write that is cancelled
