@@ -38,6 +38,7 @@ import anyio
 from ._exceptions import IntegrityError, SourceError
 from ._format import BlockRef, Stripe
 from ._ring import Slot
+from ._scheduler import ReadAround
 from ._threads import run_sync
 from .codecs import ErasureCode, StripeError, decode_into
 
@@ -93,32 +94,46 @@ async def _direct_reads(reader: BlockReader, members: list[_Member], budget_lost
     if not members:
         return
     scopes: dict[int, anyio.CancelScope] = {}
-    took: list[float] = []
-    t0 = time.monotonic()
+    started: dict[int, float] = {}  # when each read got its turn on its source
+    took: list[float] = []  # how long the landed reads took from their turn
     progress = anyio.Event()
     hedge = reader.limits.hedge
 
-    async def one(m: _Member, scope: anyio.CancelScope) -> None:
+    def wake() -> None:
         nonlocal progress
+        progress.set()
+        progress = anyio.Event()
+
+    async def one(m: _Member, scope: anyio.CancelScope) -> None:
+        def begin() -> None:
+            started[m.pos] = time.monotonic()
+            wake()
+
         with scope:
             try:
-                await reader._fetch(m.block, m.block.source, m.slot, retry=False)
+                await reader._fetch(
+                    m.block, m.block.source, m.slot, retry=False, on_start=begin, skip_if_slow=True
+                )
                 m.landed = True
-                took.append(time.monotonic() - t0)
+                took.append(time.monotonic() - started[m.pos])
+                _update_slow(reader)
+            except ReadAround as e:
+                reader._hedged += 1
+                m.error = e
             except (SourceError, IntegrityError) as e:
                 m.error = e
         if scope.cancelled_caught and m.error is None:
             reader._hedged += 1
             health = reader._health[m.block.source]
-            health.record(time.monotonic() - t0, m.block.length)  # a lower bound on its pace
+            if m.pos in started:  # its own time on the source: a lower bound on its pace
+                health.record(time.monotonic() - started[m.pos], m.block.length)
             health.slow = True
             m.error = SourceError(
                 f"block {m.block.index} ({m.block.key!r} on source {m.block.source!r}): "
                 f"read around, far slower than the other sources"
             )
         scopes.pop(m.pos, None)
-        progress.set()
-        progress = anyio.Event()
+        wake()
 
     async with anyio.create_task_group() as tg:
         for m in members:  # scopes exist before the tasks run: the loop below sees every read
@@ -128,15 +143,19 @@ async def _direct_reads(reader: BlockReader, members: list[_Member], budget_lost
             return
         while scopes:
             lost = sum(1 for m in members if m.error is not None)
-            running = len(scopes)
-            if took and running + lost <= budget_lost and running < len(members):
-                deadline = t0 + max(_MIN_HEDGE_S, hedge * max(took))
-                with anyio.move_on_after(deadline - time.monotonic()) as waited:
+            running = [pos for pos in scopes if pos in started and not scopes[pos].cancel_called]
+            fits = len(scopes) + lost <= budget_lost  # every read still running may be rebuilt
+            if took and running and fits and len(scopes) < len(members):
+                # A read that has had `hedge` times as long on its source as the slowest landed
+                # peer needed is given up; its block is rebuilt from the others and parity.
+                allowed = max(_MIN_HEDGE_S, hedge * max(took))
+                deadline = min(started[pos] for pos in running) + allowed
+                with anyio.move_on_after(deadline - time.monotonic()):
                     await progress.wait()
-                if waited.cancelled_caught:
-                    for scope in list(scopes.values()):
-                        scope.cancel()
-                    return
+                now = time.monotonic()
+                for pos in running:
+                    if pos in scopes and now >= started[pos] + allowed:
+                        scopes[pos].cancel()
             else:
                 await progress.wait()
 

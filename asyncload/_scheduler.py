@@ -80,6 +80,10 @@ class ReaderStatistics:
     down_sources: tuple[str, ...] = ()  # sources whose last read failed
 
 
+class ReadAround(SourceUnavailableError):
+    """A read given up before it started: its source lags far behind its peers (internal)."""
+
+
 class _Health:
     """What the reader has seen of one source: read speed (EWMA of seconds per byte) and failures."""
 
@@ -211,14 +215,26 @@ class BlockReader:
 
     # -- one stored object ------------------------------------------------------------
     async def _read_stored(
-        self, source_id: str, key: str, offset: int, buf: memoryview, what: str, *, retry: bool
+        self,
+        source_id: str,
+        key: str,
+        offset: int,
+        buf: memoryview,
+        what: str,
+        *,
+        retry: bool,
+        on_start: Callable[[], None] | None = None,
+        skip_if_slow: bool = False,
     ) -> int:
         """Read ``buf`` from ``key`` on ``source_id`` under its limiter, with timeout and retries.
 
         Retries (only when ``retry``: nothing else can serve these bytes) repeat
         transient failures, never a missing key. Every attempt's duration feeds
         the source's speed estimate; a failure marks the source down until a
-        read succeeds again.
+        read succeeds again. ``skip_if_slow``: a read whose turn on the source
+        comes after the source was found slow gives up at once (:class:`ReadAround`)
+        instead of queueing its block behind it; ``on_start`` is called when the
+        read gets its turn (the time spent waiting for it is not the source's pace).
         """
         source = self.sources[source_id]
         health = self._health[source_id]
@@ -232,6 +248,12 @@ class BlockReader:
             self._reads_in_flight += 1
             try:
                 async with self.limiters[source_id]:
+                    if skip_if_slow and health.slow:
+                        raise ReadAround(
+                            f"{what}: read around, source {source_id!r} lags far behind its peers"
+                        )
+                    if on_start is not None:
+                        on_start()
                     t0 = time.monotonic()
                     try:
                         with anyio.fail_after(timeout):
@@ -243,6 +265,8 @@ class BlockReader:
                         ) from None
                     health.record(time.monotonic() - t0, n)
                     return n
+            except ReadAround:
+                raise
             except BlockNotFoundError:
                 health.failures += 1
                 raise
@@ -270,12 +294,30 @@ class BlockReader:
     def _where(self, block: BlockRef, source_id: str) -> str:
         return f"block {block.index} ({block.key!r} on source {source_id!r})"
 
-    async def _fetch(self, block: BlockRef, source_id: str, slot: Slot, *, retry: bool) -> None:
+    async def _fetch(
+        self,
+        block: BlockRef,
+        source_id: str,
+        slot: Slot,
+        *,
+        retry: bool,
+        on_start: Callable[[], None] | None = None,
+        skip_if_slow: bool = False,
+    ) -> None:
         """Read and verify the stored bytes of ``block`` from ``source_id`` (not yet decrypted)."""
         stored = block.length + self.overhead  # an encrypted block carries its GCM tag
         buf = slot.memory.data[:stored]
         where = self._where(block, source_id)
-        n = await self._read_stored(source_id, block.key, block.key_offset, buf, where, retry=retry)
+        n = await self._read_stored(
+            source_id,
+            block.key,
+            block.key_offset,
+            buf,
+            where,
+            retry=retry,
+            on_start=on_start,
+            skip_if_slow=skip_if_slow,
+        )
         if n != stored:
             raise TruncatedBlockError(f"{where} is truncated: read {n} of {stored} bytes")
         slot.used = n
