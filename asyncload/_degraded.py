@@ -74,7 +74,11 @@ def _update_slow(reader: BlockReader) -> None:
         if h.sec_per_byte is None:
             continue
         others = [v for o, v in speeds.items() if o != k]
+        was = h.slow
         h.slow = h.sec_per_byte > reader.limits.hedge * _stats.median(others)
+        if h.slow and not was:  # give up its reads in progress wherever their stripe can spare them
+            for give_up in list(reader._running.get(k, {}).values()):
+                give_up()
 
 
 def _read_around(reader: BlockReader, source_id: str) -> bool:
@@ -104,24 +108,35 @@ async def _direct_reads(reader: BlockReader, members: list[_Member], budget_lost
         progress.set()
         progress = anyio.Event()
 
+    def can_spare() -> bool:
+        return len(scopes) + sum(1 for m in members if m.error is not None) <= budget_lost
+
+    def give_up_on(pos: int) -> None:
+        if pos in scopes and can_spare() and not scopes[pos].cancel_called:
+            scopes[pos].cancel()
+
     async def one(m: _Member, scope: anyio.CancelScope) -> None:
         def begin() -> None:
             started[m.pos] = time.monotonic()
+            reader._running.setdefault(m.block.source, {})[id(scope)] = lambda: give_up_on(m.pos)
             wake()
 
-        with scope:
-            try:
-                await reader._fetch(
-                    m.block, m.block.source, m.slot, retry=False, on_start=begin, skip_if_slow=True
-                )
-                m.landed = True
-                took.append(time.monotonic() - started[m.pos])
-                _update_slow(reader)
-            except ReadAround as e:
-                reader._hedged += 1
-                m.error = e
-            except (SourceError, IntegrityError) as e:
-                m.error = e
+        try:
+            with scope:
+                try:
+                    await reader._fetch(
+                        m.block, m.block.source, m.slot, retry=False, on_start=begin, skip_if_slow=True
+                    )
+                    m.landed = True
+                    took.append(time.monotonic() - started[m.pos])
+                    _update_slow(reader)
+                except ReadAround as e:
+                    reader._hedged += 1
+                    m.error = e
+                except (SourceError, IntegrityError) as e:
+                    m.error = e
+        finally:
+            reader._running.get(m.block.source, {}).pop(id(scope), None)
         if scope.cancelled_caught and m.error is None:
             reader._hedged += 1
             health = reader._health[m.block.source]

@@ -151,6 +151,8 @@ class BlockReader:
             b: (st, pos) for st in self.stripes for pos, b in enumerate(st.blocks)
         }
         self._health = {k: _Health() for k in sources}
+        # Per source, the direct stripe reads in progress: id -> give it up if its stripe can spare it.
+        self._running: dict[str, dict[int, Callable[[], None]]] = {}
         self._blocks_read = 0
         self._bytes_in_flight = 0
         self._reads_in_flight = 0
