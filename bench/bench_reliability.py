@@ -502,7 +502,7 @@ def main() -> int:
     add("--reads-per-source", type=int, help="open(reads_per_source=...) for throttled loads")
     add(
         "--slow-tuned",
-        default="hedge=3,reads_per_source=2",
+        default="reads_per_source=2",
         help="extra open() options for a second pair of slow-part variants ('' for none)" + dflt,
     )
     add("--repeat", type=int, default=3, help="samples per variant (median)" + dflt)
