@@ -121,6 +121,9 @@ def _seconds(value: float) -> timedelta:
     return timedelta(seconds=value)
 
 
+_STORES: dict[tuple[str, S3Options, S3Settings], S3Store] = {}
+
+
 class S3Source(Source):
     """Blocks stored as objects ``prefix/key`` in an S3 bucket (``s3://bucket/prefix``)."""
 
@@ -136,7 +139,13 @@ class S3Source(Source):
         self.options = options if options is not None else DEFAULT_S3_OPTIONS
         self.settings: S3Settings = resolve(self.options)
         self.endpoint = display_endpoint(self.settings.endpoint, self.settings.region)
-        self._store = self._make_store()
+        # Sources of one bucket with the same settings share one client, and so its warm
+        # connections (the manifest GET's too): no new handshakes per source or per open.
+        shared = (self.bucket, self.options, self.settings)
+        store = _STORES.get(shared)
+        if store is None:
+            store = _STORES[shared] = self._make_store()
+        self._store = store
         self._limiter: anyio.CapacityLimiter | None = None  # made on first use, inside the event loop
         self._bucket_exists = False  # set once an answer showed it (a 404 is then NoSuchKey)
 
