@@ -46,6 +46,7 @@ def segment(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     """Run with the real segment size, and with a small one so blocks span several segments + a tail."""
     if request.param == "segment-1000":
         monkeypatch.setattr(_erasure, "_SEGMENT", 1000)
+        monkeypatch.setattr(_erasure, "_DECODE_SEGMENT", 1000)
     return _erasure._SEGMENT
 
 
@@ -71,7 +72,7 @@ def test_every_loss_pattern_rebuilds_byte_identical(
 def test_only_missing_data_blocks_requested(width: int, parity: int) -> None:
     """The loader's case: rebuild just the lost data blocks, from exactly the survivors."""
     code = ErasureCode(width - parity, parity)
-    block_len = 2 * _erasure._SEGMENT + 7
+    block_len = 2 * max(_erasure._SEGMENT, _erasure._DECODE_SEGMENT) + 7  # several segments + a tail
     blocks = make_stripe(code, block_len, seed=width)
     for lost in itertools.combinations(range(width), parity):
         wanted = [i for i in lost if i < code.data]
