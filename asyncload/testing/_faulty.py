@@ -17,6 +17,7 @@ import anyio
 
 from .._exceptions import SourceUnavailableError
 from ..sources import Source, SourceStatistics
+from ._wrapper import WrappedSource
 
 __all__ = ["FaultySource"]
 
@@ -27,7 +28,7 @@ def _keys(keys: Iterable[str]) -> frozenset[str]:
     return frozenset(keys)
 
 
-class FaultySource(Source):
+class FaultySource(WrappedSource):
     """Wraps ``inner`` and injects faults into its reads (writes and sizes pass through).
 
     A block key matches an entry of ``fail_keys``, ``stall_keys``,
@@ -56,10 +57,7 @@ class FaultySource(Source):
     ) -> None:
         if not 0.0 <= error_rate <= 1.0:
             raise ValueError(f"error_rate must be within [0, 1], got {error_rate}")
-        super().__init__(inner.id, inner.location)
-        self.inner = inner
-        self.supports_writes = inner.supports_writes
-        self.supports_ranges = inner.supports_ranges
+        super().__init__(inner)
         self.error_rate = error_rate
         self.stall_keys = _keys(stall_keys)
         self.truncate_keys = _keys(truncate_keys)
@@ -116,8 +114,7 @@ class FaultySource(Source):
                         await released.wait()
                     finally:
                         self.stalled_now -= 1
-            self.inner.threads = self.threads  # the owner sets the limiter on the wrapper
-            n = await self.inner.read_into(key, offset, buf)
+            n = await super().read_into(key, offset, buf)
             if self._matches(key, self.truncate_keys):
                 n //= 2
             if n and self._matches(key, self.corrupt_keys):
@@ -125,25 +122,6 @@ class FaultySource(Source):
             return n
         finally:
             self.reads_finished += 1
-
-    async def write(self, key: str, data: memoryview) -> None:
-        self.inner.threads = self.threads
-        await self.inner.write(key, data)
-
-    async def size(self, key: str) -> int:
-        return await self.inner.size(key)
-
-    async def exists(self, key: str) -> bool:
-        return await self.inner.exists(key)
-
-    async def delete(self, key: str) -> None:
-        await self.inner.delete(key)
-
-    async def sync(self) -> None:
-        await self.inner.sync()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
     def statistics(self) -> SourceStatistics:
         s = self.inner.statistics()

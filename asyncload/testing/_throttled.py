@@ -14,7 +14,8 @@ import random
 
 import anyio
 
-from ..sources import Source, SourceStatistics
+from ..sources import Source
+from ._wrapper import WrappedSource
 
 __all__ = ["ThrottledSource"]
 
@@ -69,7 +70,7 @@ class _TokenBucket:
         return anyio.current_time() - start
 
 
-class ThrottledSource(Source):
+class ThrottledSource(WrappedSource):
     """Wraps ``inner`` so that its reads take as long as on a slower device.
 
     * ``bandwidth``: bytes per second for all reads of this source together (a
@@ -105,10 +106,7 @@ class ThrottledSource(Source):
             raise ValueError(f"latency must be >= 0 seconds, got {latency}")
         if not 0.0 <= jitter <= 1.0:
             raise ValueError(f"jitter must be within [0, 1], got {jitter}")
-        super().__init__(inner.id, inner.location)
-        self.inner = inner
-        self.supports_writes = inner.supports_writes
-        self.supports_ranges = inner.supports_ranges
+        super().__init__(inner)
         self.bandwidth = bandwidth
         self.latency = latency
         self.jitter = jitter
@@ -128,35 +126,12 @@ class ThrottledSource(Source):
         try:
             if self.latency:
                 await anyio.sleep(self._latency())
-            self.inner.threads = self.threads  # the owner sets the limiter on the wrapper
-            n = await self.inner.read_into(key, offset, buf)
+            n = await super().read_into(key, offset, buf)
             if self._bucket is not None and n:
                 self.throttled_s += await self._bucket.take(n)
             return n
         finally:
             self.reads_finished += 1
-
-    async def write(self, key: str, data: memoryview) -> None:
-        self.inner.threads = self.threads
-        await self.inner.write(key, data)
-
-    async def size(self, key: str) -> int:
-        return await self.inner.size(key)
-
-    async def exists(self, key: str) -> bool:
-        return await self.inner.exists(key)
-
-    async def delete(self, key: str) -> None:
-        await self.inner.delete(key)
-
-    async def sync(self) -> None:
-        await self.inner.sync()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-    def statistics(self) -> SourceStatistics:
-        return self.inner.statistics()
 
     def __repr__(self) -> str:
         bw = "unlimited" if self.bandwidth is None else f"{self.bandwidth / 1e6:g} MB/s"
