@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import anyio
 
 __all__ = ["Source", "SourceStatistics"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +81,30 @@ class Source(ABC):
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections or handles."""
+
+    async def _counted(self, op: Callable[[], Awaitable[T]]) -> T:
+        """Run one request of this source, counted in flight and, if it raises, as an error."""
+        self._in_flight += 1
+        try:
+            return await op()
+        except Exception:  # a cancelled request is not an error
+            self._errors += 1
+            raise
+        finally:
+            self._in_flight -= 1
+
+    async def _counted_read(self, op: Callable[[], Awaitable[int]]) -> int:
+        """:meth:`_counted` for a read returning its byte count, which is added to the totals."""
+        n = await self._counted(op)
+        self._reads += 1
+        self._bytes_read += n
+        return n
+
+    async def _counted_write(self, op: Callable[[], Awaitable[None]], nbytes: int) -> None:
+        """:meth:`_counted` for a write of ``nbytes``, added to the totals when it succeeds."""
+        await self._counted(op)
+        self._writes += 1
+        self._bytes_written += nbytes
 
     def statistics(self) -> SourceStatistics:
         return SourceStatistics(

@@ -26,7 +26,7 @@ import base64
 import contextlib
 import random
 import ssl as _ssl
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
@@ -208,16 +208,6 @@ class HttpSource(Source):
             )
         return SourceUnavailableError(f"{self._where(key)}: {method} failed (HTTP {s})")
 
-    async def _counted(self, op: Callable[[], Awaitable[T]]) -> T:
-        self._in_flight += 1
-        try:
-            return await op()
-        except Exception:  # a cancelled request is not an error
-            self._errors += 1
-            raise
-        finally:
-            self._in_flight -= 1
-
     # -- reads -----------------------------------------------------------------------
     async def _get_range(self, key: str, offset: int, buf: memoryview) -> tuple[int, int | None]:
         """One ranged GET into ``buf``: (bytes stored, object size if the server said)."""
@@ -273,10 +263,7 @@ class HttpSource(Source):
                     break
             return done
 
-        n = await self._counted(run)
-        self._reads += 1
-        self._bytes_read += n
-        return n
+        return await self._counted_read(run)
 
     async def _size(self, key: str) -> int:
         resp = await self._request(b"HEAD", key)
@@ -308,9 +295,7 @@ class HttpSource(Source):
             if resp.status not in (200, 201, 204):
                 raise self._status_error("PUT", key, resp)
 
-        await self._counted(run)
-        self._writes += 1
-        self._bytes_written += len(data)
+        await self._counted_write(run, len(data))
 
     async def delete(self, key: str) -> None:
         async def run() -> None:

@@ -195,17 +195,9 @@ class LocalSource(Source):
             os.close(fd)
 
     async def read_into(self, key: str, offset: int, buf: memoryview) -> int:
-        self._in_flight += 1
-        try:
-            n = await run_sync(self._read_sync, key, offset, buf, limiter=self.threads)
-        except Exception:  # a cancelled read is not an error
-            self._errors += 1
-            raise
-        finally:
-            self._in_flight -= 1
-        self._reads += 1
-        self._bytes_read += n
-        return n
+        return await self._counted_read(
+            lambda: run_sync(self._read_sync, key, offset, buf, limiter=self.threads)
+        )
 
     def _size_sync(self, key: str) -> int:
         fd = self._open_read(key)
@@ -229,19 +221,16 @@ class LocalSource(Source):
         self._dirs_to_sync.add(self.root.joinpath(*parts[:-1]))
 
     async def write(self, key: str, data: memoryview) -> None:
-        self._in_flight += 1
-        try:
-            await run_sync(self._write_sync, key, data, limiter=self.threads)
-        except OSError as e:
-            self._errors += 1
-            if isinstance(e, BlockNotFoundError | SourceUnavailableError):
-                raise
-            kind = "disk full" if e.errno == errno.ENOSPC else e.strerror
-            raise SourceUnavailableError(f"source {self.id!r}: writing {key!r} failed: {kind}") from None
-        finally:
-            self._in_flight -= 1
-        self._writes += 1
-        self._bytes_written += len(data)
+        async def run() -> None:
+            try:
+                await run_sync(self._write_sync, key, data, limiter=self.threads)
+            except OSError as e:
+                if isinstance(e, BlockNotFoundError | SourceUnavailableError):
+                    raise
+                kind = "disk full" if e.errno == errno.ENOSPC else e.strerror
+                raise SourceUnavailableError(f"source {self.id!r}: writing {key!r} failed: {kind}") from None
+
+        await self._counted_write(run, len(data))
 
     def _sync_dirs(self) -> None:
         dirs, self._dirs_to_sync = self._dirs_to_sync, set()

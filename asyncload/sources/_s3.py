@@ -257,17 +257,7 @@ class S3Source(Source):
     # -- reads ---------------------------------------------------------------------
     async def read_into(self, key: str, offset: int, buf: memoryview) -> int:
         path = self._path(key)
-        self._in_flight += 1
-        try:
-            n = await self._read(path, key, offset, buf)
-        except Exception:  # a cancelled read is not an error
-            self._errors += 1
-            raise
-        finally:
-            self._in_flight -= 1
-        self._reads += 1
-        self._bytes_read += n
-        return n
+        return await self._counted_read(lambda: self._read(path, key, offset, buf))
 
     async def _read(self, path: str, key: str, offset: int, buf: memoryview) -> int:
         want = len(buf)
@@ -370,8 +360,8 @@ class S3Source(Source):
         path = self._path(key)
         o = self.options
         multipart = len(data) > o.multipart_threshold
-        self._in_flight += 1
-        try:
+
+        async def run() -> None:
             async with self._limit():
                 # obstore reads ``data`` in place during the upload: even when cancelled, wait
                 # until the request is over before the caller may reuse the buffer.
@@ -388,13 +378,8 @@ class S3Source(Source):
                     except _CLIENT_ERRORS as e:
                         raise self._error(e, key, "multipart upload" if multipart else "PUT") from None
                     self._bucket_exists = True
-        except Exception:
-            self._errors += 1
-            raise
-        finally:
-            self._in_flight -= 1
-        self._writes += 1
-        self._bytes_written += len(data)
+
+        await self._counted_write(run, len(data))
 
     async def delete(self, key: str) -> None:
         path = self._path(key)
