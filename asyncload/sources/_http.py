@@ -27,7 +27,6 @@ import contextlib
 import random
 import ssl as _ssl
 from collections.abc import Mapping
-from typing import TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
 import anyio
@@ -38,7 +37,6 @@ from ._httpconn import HttpFailure, Pool, Response, Timeouts, wait_response
 
 __all__ = ["HttpSource"]
 
-T = TypeVar("T")
 
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _USER_AGENT = b"asyncload"
