@@ -210,9 +210,7 @@ async def _rebuild(reader: BlockReader, stripe: Stripe, members: list[_Member], 
     failures: list[str] = [f"block {m.block.index} on source {m.block.source!r}: {m.error}" for m in lost]
     pslots: list[Slot] = []
     try:
-        async with reader._parity_lock:  # one rebuild at a time holds the parity slots
-            for _ in stripe.parity:  # appended one by one: a cancelled wait leaks none already held
-                pslots.append(await reader.parity_ring.acquire())
+        await reader.parity_ring.acquire_group(len(stripe.parity), pslots)
         have: dict[int, memoryview] = {m.pos: m.slot.memory.data[:length] for m in members if m.landed}
         # Candidates: unwanted members and parity, healthy sources first.
         cands: list[tuple[int, int, str]] = []  # (rank, index in stripe, source)

@@ -165,9 +165,7 @@ class _Scrub:
         members = [self.man.blocks[i] for i in stripe.blocks]
         pslots: list[Slot] = []
         try:
-            async with reader._parity_lock:  # taken one by one into pslots: a cancel leaks none
-                for _ in range(p):
-                    pslots.append(await reader.parity_ring.acquire())
+            await reader.parity_ring.acquire_group(p, pslots)
             bufs = [s.memory.data[:length] for s in slots] + [s.memory.data[:length] for s in pslots]
             errors: dict[int, str] = {}
 

@@ -68,6 +68,7 @@ class Ring:
         if slot_size < 1 or count < 1:
             raise ValueError("a ring needs at least one slot of at least one byte")
         self.slot_size = slot_size
+        self._group_lock: anyio.Lock | None = None
         self._memory = np.empty(slot_size * count, dtype=np.uint8)
         if touch:
             self._memory.fill(0)  # fault every page in once, here, not on the first read
@@ -117,6 +118,20 @@ class Ring:
             self._free.append(slot)
 
     # -- the one await --------------------------------------------------------------
+    async def acquire_group(self, n: int, into: list[Slot]) -> None:
+        """Take ``n`` slots for one job, appending each to ``into`` as it is taken.
+
+        Group takers queue behind one another, so two never hold part of a group
+        each while waiting for the rest (a deadlock when the ring has room for
+        fewer than two groups). A cancelled wait leaves the slots already taken
+        in ``into``, for the caller to release.
+        """
+        if self._group_lock is None:  # made on the event loop (the ring may be built in a thread)
+            self._group_lock = anyio.Lock()
+        async with self._group_lock:
+            for _ in range(n):
+                into.append(await self.acquire())
+
     async def acquire(self) -> Slot:
         """A free slot, waiting in FIFO order until one is released (backpressure)."""
         await anyio.lowlevel.checkpoint()

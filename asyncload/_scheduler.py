@@ -144,7 +144,6 @@ class BlockReader:
         self.stripes = tuple(stripes)
         self.parity_ring = parity_ring
         self.block_table = tuple(block_table)  # every block of the manifest, by index
-        self._parity_lock = anyio.Lock()
         if self.stripes and parity_ring is None:
             raise ValueError("a reader of a striped manifest needs a parity ring")
         self._stripe_of: dict[int, tuple[Stripe, int]] = {

@@ -118,7 +118,6 @@ class ScatterWriter:
         self.parity = parity
         self.data_per_stripe = k - parity
         self.parity_ring = parity_ring
-        self._parity_lock = anyio.Lock()
         self.limits = limits
         self.sources = list(sources)
         self.cipher = cipher
@@ -227,9 +226,7 @@ class ScatterWriter:
             length = max(m.stored for m in members)
             for m in members:  # zero-pad shorter members for coding (nothing padded is stored)
                 m.slot.memory[m.stored : length] = 0
-            async with self._parity_lock:  # all P at once: two stripes never hold part of the set each
-                for _ in range(self.parity):
-                    parity_slots.append(await self.parity_ring.acquire())
+            await self.parity_ring.acquire_group(self.parity, parity_slots)
             code = ErasureCode(len(members), self.parity)
             await run_sync(
                 encode_into,

@@ -369,3 +369,43 @@ async def test_peak_statistics() -> None:
         ring.release(s)
     stats = ring.statistics()
     assert (stats.slots_in_use, stats.peak_slots_in_use) == (0, 4)
+
+
+# --------------------------------------------------------------------------- groups
+
+
+@pytest.mark.anyio
+async def test_groups_never_hold_part_each() -> None:
+    """Two jobs that each need the whole ring finish one after the other (no deadlock)."""
+    ring = Ring(8, 2)
+    done: list[str] = []
+
+    async def job(name: str) -> None:
+        got: list[Slot] = []
+        await ring.acquire_group(2, got)
+        assert len(got) == 2
+        await anyio.lowlevel.checkpoint()
+        done.append(name)
+        for s in got:
+            ring.release(s)
+
+    async with _group() as tg:
+        tg.start_soon(job, "a")
+        tg.start_soon(job, "b")
+    assert sorted(done) == ["a", "b"]
+    assert ring.statistics().slots_in_use == 0
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_group_wait_leaves_the_taken_slots_to_release() -> None:
+    ring = Ring(8, 2)
+    held = await ring.acquire()
+    got: list[Slot] = []
+    async with _group() as tg:
+        tg.start_soon(ring.acquire_group, 2, got)
+        await _until(lambda: ring.statistics().waiting == 1)  # it holds one, waits for the second
+        tg.cancel_scope.cancel()
+    assert len(got) == 1 and ring.statistics().slots_in_use == 2
+    ring.release(got[0])
+    ring.release(held)
+    assert ring.statistics().slots_in_use == 0
