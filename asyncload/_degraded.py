@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 import anyio
+import numpy as np
 
 from ._exceptions import IntegrityError, SourceError
 from ._format import BlockRef, Stripe
@@ -206,7 +207,6 @@ async def _rebuild(reader: BlockReader, stripe: Stripe, members: list[_Member], 
     assert reader.parity_ring is not None
     n = len(stripe.blocks)
     length = stripe.length
-    code = ErasureCode(n, len(stripe.parity))
     failures: list[str] = [f"block {m.block.index} on source {m.block.source!r}: {m.error}" for m in lost]
     pslots: list[Slot] = []
     try:
@@ -268,12 +268,7 @@ async def _rebuild(reader: BlockReader, stripe: Stripe, members: list[_Member], 
                 width=n + len(stripe.parity),
             )
         stored = {m.pos: m.block.length + reader.overhead for m in members}
-        for pos in have:
-            if pos < n:  # zero-pad short members to the stripe length for coding
-                by_pos[pos].slot.memory[stored[pos] : length] = 0
-        chosen = dict(sorted(have.items())[:n])
-        out = {m.pos: m.slot.memory.data[:length] for m in still}
-        await run_sync(decode_into, code, chosen, out, limiter=reader.threads)
+        await decode_stripe(reader, stripe, have, {m.pos: m.slot.memory.data[:length] for m in still})
         for m in still:
             where = f"block {m.block.index} ({m.block.key!r}) rebuilt from stripe {stripe.index}"
             await reader._verify(where, m.slot.memory.data[: stored[m.pos]], m.block.crc32c, m.block.sha256)
@@ -284,6 +279,24 @@ async def _rebuild(reader: BlockReader, stripe: Stripe, members: list[_Member], 
     finally:
         for s in pslots:
             reader.parity_ring.release(s)
+
+
+async def decode_stripe(
+    reader: BlockReader, stripe: Stripe, have: dict[int, memoryview], out: dict[int, memoryview]
+) -> None:
+    """Rebuild stripe positions ``out`` from the verified blocks ``have`` (``stripe.length`` bytes each).
+
+    Positions are those of the stripe: its data blocks first, then its parity.
+    A data block shorter than the stripe counts as zero-padded (docs/format.md):
+    its buffer in ``have`` is zeroed past its stored bytes first.
+    """
+    n = len(stripe.blocks)
+    for pos, view in have.items():
+        if pos < n:
+            stored = reader.block_table[stripe.blocks[pos]].length + reader.overhead
+            np.frombuffer(view, dtype=np.uint8)[stored:] = 0
+    code = ErasureCode(n, len(stripe.parity))
+    await run_sync(decode_into, code, have, out, limiter=reader.threads)
 
 
 async def run_striped(

@@ -33,13 +33,13 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ._config import Limits
+from ._degraded import decode_stripe
 from ._exceptions import DecryptionError, IntegrityError, SourceError
 from ._format import BlockRef, Manifest, SourceRef, Stripe
 from ._inputs import Opened
 from ._ring import Slot
 from ._scheduler import BlockReader, checksum, open_reader
-from ._threads import run_sync
-from .codecs import ErasureCode, StripeError, decode_into
+from .codecs import StripeError
 from .sources import Source
 from .sources._open import close_sources, is_remote, source_for
 
@@ -189,13 +189,10 @@ class _Scrub:
             stored = [b.length + reader.overhead for b in members]
             fixed: set[int] = set()
             if self.repair and errors and len(errors) <= p:
-                for pos in range(n):  # zero-pad members to the stripe length for coding
-                    if pos not in errors:
-                        slots[pos].memory[stored[pos] : length] = 0
                 good = {pos: bufs[pos] for pos in range(n + p) if pos not in errors}
                 out = {pos: bufs[pos] for pos in errors}
                 try:
-                    await run_sync(decode_into, ErasureCode(n, p), good, out, limiter=reader.threads)
+                    await decode_stripe(reader, stripe, good, out)
                 except StripeError as e:
                     for pos in errors:
                         errors[pos] += f"; rebuild failed: {e}"
