@@ -24,10 +24,8 @@ reported as not repairable; nothing is written for it.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -39,9 +37,10 @@ from ._format import BlockRef, Manifest, SourceRef, Stripe
 from ._inputs import Opened
 from ._ring import Slot
 from ._scheduler import BlockReader, checksum, open_reader
+from ._writer import _seal, commit_manifest, recorded_location
 from .codecs import StripeError
 from .sources import Source
-from .sources._open import close_sources, is_remote, source_for
+from .sources._open import close_sources, parent_location, source_for
 
 if TYPE_CHECKING:
     from ._security import BlockCipher
@@ -249,17 +248,13 @@ def _writable(opened: Opened, repoint: Mapping[str, str]) -> dict[str, Source]:
 
 
 def _relocated(manifest: Manifest, origin: str, repoint: Mapping[str, str]) -> Manifest:
-    base = Path(origin).parent
-    refs = []
-    for s in manifest.sources:
-        if s.id not in repoint:
-            refs.append(s)
-            continue
-        loc = repoint[s.id]
-        if not is_remote(loc) and not os.path.isabs(os.path.expanduser(loc)) and not is_remote(origin):
-            loc = os.path.relpath(Path(loc).resolve(), base.resolve())
-        refs.append(SourceRef(s.id, loc))
-    return dataclasses.replace(manifest, sources=tuple(refs))
+    """``manifest`` with re-pointed sources recorded as a save would record them."""
+    base = parent_location(origin)
+    refs = tuple(
+        SourceRef(s.id, recorded_location(repoint[s.id], base)) if s.id in repoint else s
+        for s in manifest.sources
+    )
+    return dataclasses.replace(manifest, sources=refs)
 
 
 async def scrub(
@@ -322,8 +317,6 @@ async def scrub(
         elif man.mac is not None and cipher is None:
             notes.append("the manifest carries a MAC and no key was given: it was left unchanged")
         else:
-            from ._writer import _seal, commit_manifest
-
             await commit_manifest(opened.origin, _seal(new, cipher, None))
             updated = True
     return VerifyReport(

@@ -371,19 +371,18 @@ def _manifest_sources(
     recorded relative, so the tree can be copied elsewhere; a local source of a remote
     manifest is recorded as an absolute path.
     """
+    return [SourceRef(f"s{i}", recorded_location(loc, manifest_dir)) for i, loc in enumerate(sources)]
+
+
+def recorded_location(location: str | os.PathLike[str], manifest_dir: str | os.PathLike[str]) -> str:
+    """How a manifest in ``manifest_dir`` records a source at ``location`` (see _manifest_sources)."""
     base = os.fspath(manifest_dir)
-    refs = []
-    for i, loc in enumerate(sources):
-        if is_remote(loc):
-            refs.append(SourceRef(f"s{i}", _relative_url(os.fspath(loc), base)))
-            continue
-        p = Path(os.fspath(loc)).expanduser()
-        if is_remote(base):
-            location = str(p.resolve())
-        else:
-            location = str(p) if p.is_absolute() else os.path.relpath(p.resolve(), Path(base).resolve())
-        refs.append(SourceRef(f"s{i}", location))
-    return refs
+    if is_remote(location):
+        return _relative_url(os.fspath(location), base)
+    p = Path(os.fspath(location)).expanduser()
+    if is_remote(base):
+        return str(p.resolve())
+    return str(p) if p.is_absolute() else os.path.relpath(p.resolve(), Path(base).resolve())
 
 
 def _relative_url(location: str, base: str) -> str:
