@@ -26,7 +26,8 @@ import base64
 import contextlib
 import random
 import ssl as _ssl
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
 import anyio
@@ -34,9 +35,12 @@ import anyio
 from .._exceptions import BlockNotFoundError, SourceUnavailableError
 from ._base import Source
 from ._httpconn import HttpFailure, Pool, Response, Timeouts, wait_response
+from ._ioloop import IoLoop
 
 __all__ = ["HttpSource"]
 
+
+T = TypeVar("T")
 
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _USER_AGENT = b"asyncload"
@@ -61,6 +65,7 @@ class HttpSource(Source):
         max_backoff: float = 5.0,
         headers: Mapping[str, str] | None = None,
         ssl: _ssl.SSLContext | None = None,
+        io_thread: bool = True,
     ) -> None:
         u = urlsplit(location)
         scheme = u.scheme.lower()
@@ -96,8 +101,17 @@ class HttpSource(Source):
         self.backoff = backoff
         self.max_backoff = max_backoff
         self._pool: Pool | None = None
+        # The connections live on this source's own I/O loop (see _ioloop), or, with
+        # io_thread=False, on whichever loop calls.
+        self._io = IoLoop(id) if io_thread else None
 
     # -- plumbing --------------------------------------------------------------------
+    async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run one request (retries included) where this source's connections live."""
+        if self._io is None:
+            return await fn()
+        return await self._io.call(fn)
+
     def _get_pool(self) -> Pool:
         loop = asyncio.get_running_loop()
         if self._pool is None or self._pool.loop is not loop:
@@ -261,7 +275,7 @@ class HttpSource(Source):
                     break
             return done
 
-        return await self._counted_read(run)
+        return await self._counted_read(lambda: self._call(run))
 
     async def _size(self, key: str) -> int:
         resp = await self._request(b"HEAD", key)
@@ -284,7 +298,7 @@ class HttpSource(Source):
         raise self._status_error("HEAD", key, resp)
 
     async def size(self, key: str) -> int:
-        return await self._counted(lambda: self._size(key))
+        return await self._counted(lambda: self._call(lambda: self._size(key)))
 
     # -- writes --------------------------------------------------------------------------
     async def write(self, key: str, data: memoryview) -> None:
@@ -293,7 +307,7 @@ class HttpSource(Source):
             if resp.status not in (200, 201, 204):
                 raise self._status_error("PUT", key, resp)
 
-        await self._counted_write(run, len(data))
+        await self._counted_write(lambda: self._call(run), len(data))
 
     async def delete(self, key: str) -> None:
         async def run() -> None:
@@ -301,23 +315,45 @@ class HttpSource(Source):
             if resp.status not in (200, 202, 204, 404, 410):
                 raise self._status_error("DELETE", key, resp)
 
-        await self._counted(run)
+        await self._counted(lambda: self._call(run))
+
+    def _close_pool(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close_idle()
 
     async def sync(self) -> None:
         """Nothing to flush (a PUT answered 2xx is stored); idle connections are let go."""
+
+        async def run() -> None:
+            if self._pool is not None:
+                self._pool.close_idle()
+
         if self._pool is not None:
-            self._pool.close_idle()
+            await self._call(run)
 
     async def aclose(self) -> None:
-        if self._pool is not None:
-            self._pool.close_idle()
-            self._pool = None
+        if self._io is None:
+            self._close_pool()
+            await anyio.lowlevel.checkpoint()
+            return
+
+        async def run() -> None:
+            self._close_pool()
+
+        if self._io.loop is not None:
+            await self._io.call(run)
+            await anyio.to_thread.run_sync(self._io.close)
         await anyio.lowlevel.checkpoint()
 
     def __del__(self) -> None:
-        # A source nobody closed: let its idle sockets go rather than warn at collection. The
-        # collector may run in another thread: only the loop's own thread touches transports.
+        # A source nobody closed: let its idle sockets and its I/O thread go rather than warn
+        # at collection. The collector may run in any thread: only the pool's loop touches it.
+        io = getattr(self, "_io", None)
         pool = getattr(self, "_pool", None)
+        if io is not None:
+            io.stop_soon(pool.close_idle if pool is not None else None)
+            return
         if pool is None or pool.loop.is_closed():
             return
         try:
