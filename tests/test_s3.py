@@ -35,6 +35,10 @@ from asyncload.testing import SourceConformance
 BUDGET = 256 * KiB
 
 
+# Reads run through asyncload's own signed GETs (direct_reads, the default) or through obstore.
+READ_PATHS = pytest.mark.parametrize("direct", [True, False], ids=["direct", "client"])
+
+
 async def load_all(target: str | pathlib.Path, **kw: Any) -> dict[str, np.ndarray]:
     async with asyncload.open(target, budget=BUDGET, **kw) as model:
         arrays = await model.load()
@@ -84,10 +88,11 @@ def objects(server: S3Server, bucket: str, prefix: str = "") -> list[str]:
 # --------------------------------------------------------------------------- the source itself
 
 
+@READ_PATHS
 @pytest.mark.anyio
-async def test_ranged_reads_sizes_writes_and_deletes(s3_server: S3Server) -> None:
+async def test_ranged_reads_sizes_writes_and_deletes(s3_server: S3Server, direct: bool) -> None:
     bucket = s3_server.bucket()
-    src = S3Source("s3", f"s3://{bucket}/pre/fix", options=s3_server.options())
+    src = S3Source("s3", f"s3://{bucket}/pre/fix", options=s3_server.options(direct_reads=direct))
     data = np.random.default_rng(1).integers(0, 256, 100_000, dtype=np.uint8).tobytes()
     await src.write("a/obj", memoryview(data))
     assert objects(s3_server, bucket) == ["pre/fix/a/obj"]
@@ -109,6 +114,8 @@ async def test_ranged_reads_sizes_writes_and_deletes(s3_server: S3Server) -> Non
     assert not await src.exists("a/obj")
     st = src.statistics()
     assert st.in_flight == 0 and st.errors == 0 and st.writes == 2 and st.bytes_written == len(data)
+    # The path under test is the one that read: asyncload's own signed GETs, or the client.
+    assert (src._direct is not None and src._direct.statistics().bytes_read > 0) == direct
     await src.aclose()
 
 
@@ -128,10 +135,11 @@ async def test_multipart_upload_above_the_threshold(s3_server: S3Server) -> None
     assert "-" not in str(meta["e_tag"]), meta  # one PUT
 
 
+@READ_PATHS
 @pytest.mark.anyio
-async def test_concurrent_reads_land_in_their_own_buffers(s3_server: S3Server) -> None:
+async def test_concurrent_reads_land_in_their_own_buffers(s3_server: S3Server, direct: bool) -> None:
     bucket = s3_server.bucket()
-    src = S3Source("s3", f"s3://{bucket}", options=s3_server.options(max_connections=3))
+    src = S3Source("s3", f"s3://{bucket}", options=s3_server.options(max_connections=3, direct_reads=direct))
     blobs = {f"k{i}": bytes([i]) * (300 * KiB + i) for i in range(12)}
     async with anyio.create_task_group() as tg:
         for k, v in blobs.items():
@@ -148,15 +156,16 @@ async def test_concurrent_reads_land_in_their_own_buffers(s3_server: S3Server) -
     assert src.statistics().in_flight == 0
 
 
+@READ_PATHS
 @pytest.mark.anyio
-async def test_missing_object_and_bucket_name_what_is_missing(s3_server: S3Server) -> None:
+async def test_missing_object_and_bucket_name_what_is_missing(s3_server: S3Server, direct: bool) -> None:
     bucket = s3_server.bucket()
-    src = S3Source("s3", f"s3://{bucket}/p", options=s3_server.options())
+    src = S3Source("s3", f"s3://{bucket}/p", options=s3_server.options(direct_reads=direct))
     with pytest.raises(BlockNotFoundError, match=rf"'s3'.*s3://{bucket}/p/nope.*no object 'p/nope'"):
         await src.read_into("nope", 0, memoryview(bytearray(10)))
     with pytest.raises(BlockNotFoundError, match=rf"'s3'.*HEAD s3://{bucket}/p/nope"):
         await src.size("nope")
-    gone = S3Source("s3x", "s3://no-such-bucket-zz/p", options=s3_server.options())
+    gone = S3Source("s3x", "s3://no-such-bucket-zz/p", options=s3_server.options(direct_reads=direct))
     for call in (
         lambda: gone.read_into("k", 0, memoryview(bytearray(4))),
         lambda: gone.write("k", memoryview(b"abc")),
@@ -169,14 +178,17 @@ async def test_missing_object_and_bucket_name_what_is_missing(s3_server: S3Serve
     assert src.statistics().in_flight == 0 and gone.statistics().in_flight == 0
 
 
+@READ_PATHS
 @pytest.mark.anyio
-async def test_wrong_credentials_are_refused_without_the_secret(s3_server: S3Server) -> None:
+async def test_wrong_credentials_are_refused_without_the_secret(s3_server: S3Server, direct: bool) -> None:
     bucket = s3_server.bucket()
-    good = S3Source("s3", f"s3://{bucket}/p", options=s3_server.options())
+    good = S3Source("s3", f"s3://{bucket}/p", options=s3_server.options(direct_reads=direct))
     await good.write("k", memoryview(b"payload"))
     cases = {
-        "SignatureDoesNotMatch": s3_server.options(secret_access_key=SECRET_KEY + "-wrong"),
-        "InvalidAccessKeyId": s3_server.options(access_key_id="no-such-access-key"),
+        "SignatureDoesNotMatch": s3_server.options(
+            secret_access_key=SECRET_KEY + "-wrong", direct_reads=direct
+        ),
+        "InvalidAccessKeyId": s3_server.options(access_key_id="no-such-access-key", direct_reads=direct),
     }
     for code, opts in cases.items():
         bad = S3Source("s3bad", f"s3://{bucket}/p", options=opts)
@@ -194,6 +206,56 @@ async def test_wrong_credentials_are_refused_without_the_secret(s3_server: S3Ser
         st = bad.statistics()
         assert st.in_flight == 0 and st.errors == 2 and st.bytes_read == 0
     assert SECRET_KEY not in repr(good) + repr(good.options) + repr(good.settings)
+
+
+def test_where_direct_reads_go_and_when_the_client_reads_instead(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    keys = {"access_key_id": "AK", "secret_access_key": SECRET_KEY}
+
+    def direct(location: str, **kw: Any) -> str | None:
+        src = S3Source("s", location, options=S3Options(**kw))
+        return None if src._direct is None else src._direct.location
+
+    # Path style on other endpoints (the bucket is the first path segment), quoted as S3 wants.
+    assert direct("s3://models/p", endpoint="http://127.0.0.1:8000", **keys) == "http://127.0.0.1:8000/models"
+    assert (
+        direct("s3://m", endpoint="https://minio.example:9000/base/", **keys)
+        == "https://minio.example:9000/base/m"
+    )
+    # AWS: virtual-hosted style in the region's endpoint.
+    assert direct("s3://models/p", region="eu-west-1", **keys) == "https://models.s3.eu-west-1.amazonaws.com"
+    # A dotted bucket would not match the certificate in virtual-hosted style: the client reads.
+    assert direct("s3://my.models/p", region="eu-west-1", **keys) is None
+    # No static keys against AWS: the client's credential chain (instance metadata, SSO) reads.
+    assert direct("s3://models/p", region="eu-west-1") is None
+    # Another endpoint without keys: unsigned requests, which the direct path also sends.
+    assert direct("s3://public/p", endpoint="http://127.0.0.1:8000") == "http://127.0.0.1:8000/public"
+    assert direct("s3://models/p", endpoint="http://127.0.0.1:8000", direct_reads=False, **keys) is None
+
+
+@pytest.mark.anyio
+async def test_a_direct_read_refused_is_asked_again_through_the_client_for_its_code(
+    s3_server: S3Server,
+) -> None:
+    """The direct GET's 403 carries no parsed S3 code; one GET through the client names it."""
+    bucket = s3_server.bucket()
+    await obstore.put_async(s3_server.store(bucket), "p/k", b"payload")
+    async with FaultProxy(s3_server.port, mode="pass") as proxy:
+        opts = s3_server.options(endpoint=proxy.endpoint, secret_access_key=SECRET_KEY + "-wrong")
+        bad = S3Source("s3bad", f"s3://{bucket}/p", options=opts)
+        with anyio.fail_after(20), pytest.raises(SourceUnavailableError, match="SignatureDoesNotMatch"):
+            await bad.read_into("k", 0, memoryview(bytearray(7)))
+        assert [m for m, _ in proxy.requests] == ["GET", "GET"]
+        proxy.requests.clear()
+        good = S3Source("s3", f"s3://{bucket}/p", options=s3_server.options(endpoint=proxy.endpoint))
+        buf = bytearray(7)
+        assert await good.read_into("k", 0, memoryview(buf)) == 7 and bytes(buf) == b"payload"
+        assert [m for m, _ in proxy.requests] == ["GET"]  # one request, no second opinion
+        await good.aclose()
+        await bad.aclose()
 
 
 def test_plain_http_only_on_loopback_unless_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -480,13 +542,18 @@ async def test_missing_bucket_and_object_through_the_loader(s3_env: S3Server, tm
 # --------------------------------------------------------------------------- faults on the wire
 
 
+@READ_PATHS
 @pytest.mark.anyio
-async def test_503_slowdown_on_every_first_attempt_still_reads_exactly(s3_server: S3Server) -> None:
+async def test_503_slowdown_on_every_first_attempt_still_reads_exactly(
+    s3_server: S3Server, direct: bool
+) -> None:
     bucket = s3_server.bucket()
     data = np.random.default_rng(3).integers(0, 256, 3 * MiB, dtype=np.uint8).tobytes()
     await obstore.put_async(s3_server.store(bucket), "p/obj", data)
     async with FaultProxy(s3_server.port, mode="503-first") as proxy:
-        src = S3Source("s3", f"s3://{bucket}/p", options=s3_server.options(endpoint=proxy.endpoint))
+        src = S3Source(
+            "s3", f"s3://{bucket}/p", options=s3_server.options(endpoint=proxy.endpoint, direct_reads=direct)
+        )
         buf = bytearray(len(data))
         with anyio.fail_after(30):
             assert await src.read_into("obj", 0, memoryview(buf)) == len(data)
@@ -497,13 +564,16 @@ async def test_503_slowdown_on_every_first_attempt_still_reads_exactly(s3_server
     assert src.statistics().errors == 0
 
 
+@READ_PATHS
 @pytest.mark.anyio
-async def test_body_broken_off_is_resumed_exactly(s3_server: S3Server) -> None:
+async def test_body_broken_off_is_resumed_exactly(s3_server: S3Server, direct: bool) -> None:
     bucket = s3_server.bucket()
     data = np.random.default_rng(4).integers(0, 256, 4 * MiB, dtype=np.uint8).tobytes()
     await obstore.put_async(s3_server.store(bucket), "obj", data)
     async with FaultProxy(s3_server.port, mode="cut-first") as proxy:
-        src = S3Source("s3", f"s3://{bucket}", options=s3_server.options(endpoint=proxy.endpoint))
+        src = S3Source(
+            "s3", f"s3://{bucket}", options=s3_server.options(endpoint=proxy.endpoint, direct_reads=direct)
+        )
         buf = bytearray(len(data) - 100)
         with anyio.fail_after(30):
             assert await src.read_into("obj", 100, memoryview(buf)) == len(buf)
@@ -529,12 +599,15 @@ async def test_a_missing_object_costs_one_head_once_the_bucket_is_known(s3_serve
             await gone.size("a")
 
 
+@READ_PATHS
 @pytest.mark.anyio
-async def test_stalled_gateway_times_out_within_the_stall_timeout(s3_server: S3Server) -> None:
+async def test_stalled_gateway_times_out_within_the_stall_timeout(s3_server: S3Server, direct: bool) -> None:
     bucket = s3_server.bucket()
     await obstore.put_async(s3_server.store(bucket), "obj", b"z" * (2 * MiB))
     async with FaultProxy(s3_server.port, mode="stall") as proxy:
-        opts = s3_server.options(endpoint=proxy.endpoint, stall_timeout=0.5, max_retries=1, retry_timeout=5)
+        opts = s3_server.options(
+            endpoint=proxy.endpoint, stall_timeout=0.5, max_retries=1, retry_timeout=5, direct_reads=direct
+        )
         src = S3Source("s3", f"s3://{bucket}", options=opts)
         buf = bytearray(2 * MiB)
         with anyio.fail_after(15), pytest.raises(SourceUnavailableError) as info:
@@ -545,13 +618,16 @@ async def test_stalled_gateway_times_out_within_the_stall_timeout(s3_server: S3S
         proxy.release()
 
 
+@READ_PATHS
 @pytest.mark.anyio
-async def test_a_cancelled_read_and_write_leave_nothing_behind(s3_server: S3Server) -> None:
+async def test_a_cancelled_read_and_write_leave_nothing_behind(s3_server: S3Server, direct: bool) -> None:
     bucket = s3_server.bucket()
     data = np.random.default_rng(5).integers(0, 256, 8 * MiB, dtype=np.uint8).tobytes()
     await obstore.put_async(s3_server.store(bucket), "obj", data)
     async with FaultProxy(s3_server.port, mode="stall") as proxy:
-        src = S3Source("s3", f"s3://{bucket}", options=s3_server.options(endpoint=proxy.endpoint))
+        src = S3Source(
+            "s3", f"s3://{bucket}", options=s3_server.options(endpoint=proxy.endpoint, direct_reads=direct)
+        )
         buf = bytearray(len(data))
         with anyio.move_on_after(1.0) as scope:  # the body stalls after 64 KiB: only a cancel ends it
             await src.read_into("obj", 0, memoryview(buf))
@@ -561,7 +637,7 @@ async def test_a_cancelled_read_and_write_leave_nothing_behind(s3_server: S3Serv
         proxy.release()
     # A write cancelled while its PUT is on the wire finishes the PUT first (the client reads the
     # buffer in place), so the object is whole and the buffer was never touched by a reuse.
-    src = S3Source("s3", f"s3://{bucket}", options=s3_server.options())
+    src = S3Source("s3", f"s3://{bucket}", options=s3_server.options(direct_reads=direct))
     payload = bytearray(data)
     async with anyio.create_task_group() as tg:
         tg.start_soon(src.write, "w", memoryview(payload))
@@ -574,8 +650,9 @@ async def test_a_cancelled_read_and_write_leave_nothing_behind(s3_server: S3Serv
         assert await src.read_into("w", 0, memoryview(got)) == len(data) and bytes(got) == data
 
 
+@READ_PATHS
 @pytest.mark.anyio
-async def test_unreachable_endpoint_fails_within_the_timeouts() -> None:
+async def test_unreachable_endpoint_fails_within_the_timeouts(direct: bool) -> None:
     from _s3server import _free_port
 
     port = _free_port()  # nothing listens there
@@ -586,6 +663,7 @@ async def test_unreachable_endpoint_fails_within_the_timeouts() -> None:
         connect_timeout=1,
         max_retries=1,
         retry_timeout=3,
+        direct_reads=direct,
     )
     src = S3Source("s3", "s3://bkt/p", options=opts)
     with anyio.fail_after(15), pytest.raises(SourceUnavailableError) as info:

@@ -66,6 +66,8 @@ class HttpSource(Source):
         headers: Mapping[str, str] | None = None,
         ssl: _ssl.SSLContext | None = None,
         io_thread: bool = True,
+        sign: Callable[[bytes, bytes, tuple[tuple[bytes, bytes], ...]], tuple[tuple[bytes, bytes], ...]]
+        | None = None,
     ) -> None:
         u = urlsplit(location)
         scheme = u.scheme.lower()
@@ -104,6 +106,8 @@ class HttpSource(Source):
         # The connections live on this source's own I/O loop (see _ioloop), or, with
         # io_thread=False, on whichever loop calls.
         self._io = IoLoop(id) if io_thread else None
+        # Called per attempt with (method, target, headers): headers to send (request signing).
+        self._sign = sign
 
     # -- plumbing --------------------------------------------------------------------
     async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
@@ -147,9 +151,10 @@ class HttpSource(Source):
         headers = self._headers + extra
         attempt = 0
         while True:
+            sent = headers if self._sign is None else self._sign(method, target, headers)
             try:
                 outcome: HttpFailure | Response = await self._attempt(
-                    method, target, headers, body, sink, skip, whole_skip
+                    method, target, sent, body, sink, skip, whole_skip
                 )
             except HttpFailure as e:
                 outcome = e

@@ -35,6 +35,7 @@ import re
 import time
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlsplit
 
 import anyio
 import obstore
@@ -50,7 +51,9 @@ from obstore.store import S3Store
 from .._exceptions import BlockNotFoundError, SourceError, SourceUnavailableError
 from .._threads import run_sync
 from ._base import Source
+from ._http import HttpSource
 from ._s3config import DEFAULT_S3_OPTIONS, S3Options, S3Settings, boto3_provider, display_endpoint, resolve
+from ._sigv4 import Signer
 
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, RetryConfig
@@ -148,6 +151,7 @@ class S3Source(Source):
         self._store = store
         self._limiter: anyio.CapacityLimiter | None = None  # made on first use, inside the event loop
         self._bucket_exists = False  # set once an answer showed it (a 404 is then NoSuchKey)
+        self._direct = self._make_direct_reader()
 
     def _make_store(self) -> S3Store:
         o, s = self.options, self.settings
@@ -196,6 +200,40 @@ class S3Source(Source):
                 f"source {self.id!r}: cannot configure S3 access to {self.location!r} at {self.endpoint}: "
                 f"{type(e).__name__}"
             ) from None
+
+    def _make_direct_reader(self) -> _DirectReader | None:
+        """The signed-GET reader for this bucket, or None where obstore must read (see S3Options)."""
+        o, s = self.options, self.settings
+        if not o.direct_reads:
+            return None
+        sign = None
+        if s.access_key_id and s.secret_access_key:
+            signer = Signer(s.access_key_id, s.secret_access_key, s.region, s.session_token)
+            sign = signer.sign
+        elif s.credentials_from != "none":
+            return None  # credentials from a chain or provider that only the client follows
+        u = urlsplit(s.endpoint or f"https://s3.{s.region}.amazonaws.com")
+        if u.hostname is None:
+            return None
+        host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
+        port = f":{u.port}" if u.port else ""
+        base = u.path.rstrip("/")
+        if s.virtual_hosted_style:
+            if "." in self.bucket and u.scheme == "https":
+                return None  # bucket.with.dots.host does not match the server's certificate
+            location = f"{u.scheme}://{self.bucket}.{host}{port}{base}"
+        else:
+            location = f"{u.scheme}://{host}{port}{base}/{quote(self.bucket, safe='-._~')}"
+        return _DirectReader(
+            self.id,
+            location,
+            connections=o.max_connections,
+            connect_timeout=o.connect_timeout,
+            first_byte_timeout=o.stall_timeout,
+            stall_timeout=o.stall_timeout,
+            retries=o.max_retries,
+            sign=sign,
+        )
 
     # -- names and errors ----------------------------------------------------------
     def _path(self, key: str) -> str:
@@ -257,7 +295,32 @@ class S3Source(Source):
     # -- reads ---------------------------------------------------------------------
     async def read_into(self, key: str, offset: int, buf: memoryview) -> int:
         path = self._path(key)
+        if self._direct is not None and len(buf) > 0:
+            return await self._counted_read(lambda: self._read_direct(path, key, offset, buf))
         return await self._counted_read(lambda: self._read(path, key, offset, buf))
+
+    async def _read_direct(self, path: str, key: str, offset: int, buf: memoryview) -> int:
+        """A signed ranged GET into ``buf``; an error answer is asked again through the client,
+        whose S3 error code makes the message (NoSuchBucket, SignatureDoesNotMatch...)."""
+        assert self._direct is not None
+        async with self._limit():
+            try:
+                n = await self._direct.read_into(path, offset, buf)
+            except _Answered as answer:
+                if answer.status >= 500:  # retried already, as the client would: no second round
+                    raise SourceUnavailableError(
+                        f"source {self.id!r}: GET {self._where(key)} at {self.endpoint}: "
+                        f"HTTP {answer.status} (after {self.options.max_retries} retries)"
+                    ) from None
+            except SourceUnavailableError as e:
+                raise SourceUnavailableError(
+                    f"source {self.id!r}: GET {self._where(key)} at {self.endpoint}: "
+                    f"{str(e).rpartition(': GET ')[2]}"
+                ) from None
+            else:
+                self._bucket_exists = True
+                return n
+        return await self._read(path, key, offset, buf)
 
     async def _read(self, path: str, key: str, offset: int, buf: memoryview) -> int:
         want = len(buf)
@@ -392,4 +455,21 @@ class S3Source(Source):
                 raise self._error(e, key, "DELETE") from None
 
     async def aclose(self) -> None:
-        """Nothing to release: the client's connections close when the source is dropped."""
+        """The direct reader's connections and thread end here; the client's when it is dropped."""
+        if self._direct is not None:
+            await self._direct.aclose()
+
+
+class _Answered(Exception):
+    """The server answered a direct GET with an error status (the client asks again for the code)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
+class _DirectReader(HttpSource):
+    """:class:`HttpSource` whose error answers come back as :class:`_Answered`."""
+
+    def _status_error(self, method: str, key: str, resp: Any) -> Exception:
+        return _Answered(resp.status)

@@ -64,6 +64,12 @@ class S3Options:
     requests in flight (and idle connections kept) per source. Objects
     larger than ``multipart_threshold`` are written as a multipart upload of
     ``part_size`` parts, ``multipart_concurrency`` at a time.
+
+    ``direct_reads`` (default on) sends block reads as SigV4-signed ranged GETs
+    through asyncload's own HTTP client, on the source's own I/O thread, with
+    each body received straight into the caller's buffer (no copy); it applies
+    with static keys or unsigned access. Everything else, and every read that
+    the server answers with an error, goes through obstore.
     """
 
     endpoint: str | None = None
@@ -83,6 +89,7 @@ class S3Options:
     multipart_threshold: int = 64 * MiB
     part_size: int = 16 * MiB
     multipart_concurrency: int = 4
+    direct_reads: bool = True
 
     def __post_init__(self) -> None:
         if self.part_size < MIN_PART_SIZE:
