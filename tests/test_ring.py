@@ -7,6 +7,8 @@ event loop (no sleeping) until a condition on the ring holds, under a deadline.
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from collections.abc import AsyncIterator, Callable
 
 import anyio
@@ -18,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from asyncload._exceptions import ClosedError
-from asyncload._ring import Ring, Slot
+from asyncload._ring import Ring, Slot, ring_memory
 
 
 async def _until(cond: Callable[[], bool]) -> None:
@@ -409,3 +411,25 @@ async def test_a_cancelled_group_wait_leaves_the_taken_slots_to_release() -> Non
     ring.release(got[0])
     ring.release(held)
     assert ring.statistics().slots_in_use == 0
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_ring_memory_is_faulted_in_up_front_only_when_asked() -> None:
+    n = 64 << 20
+    before = _rss()
+    touched = ring_memory(n)
+    grown = _rss() - before
+    assert touched.dtype == np.uint8 and touched.size == n and touched.flags.writeable
+    assert grown >= 0.9 * n, f"only {grown} of {n} bytes resident after allocation"
+    assert not touched[:: 1 << 20].any()  # zero-filled
+    before = _rss()
+    lazy = ring_memory(n, touch=False)
+    assert _rss() - before < 0.1 * n
+    lazy[:] = 7
+    assert lazy[-1] == 7 and _rss() - before >= 0.9 * n
+    assert ring_memory(0).size == 0
