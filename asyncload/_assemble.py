@@ -22,6 +22,7 @@ always has its blocks in flight, so the pipeline cannot deadlock.
 from __future__ import annotations
 
 import mmap
+import threading
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -49,6 +50,7 @@ class AssemblyStatistics:
     reserved_bytes: int
     tensors_ready: int
     tensors_delivered: int
+    outputs_recycled: int = 0  # owned arrays assembled into memory of arrays the consumer dropped
 
 
 def as_array(info: TensorInfo, raw: np.ndarray) -> np.ndarray:
@@ -57,27 +59,83 @@ def as_array(info: TensorInfo, raw: np.ndarray) -> np.ndarray:
     return raw.view(dt).reshape(info.shape)
 
 
-# Output arrays from this size up get their own anonymous mapping (see output_array).
+# Output arrays from this size up get their own anonymous mapping (see OutputPool).
 OWN_MAPPING_BYTES = 1 << 20
 
 
-def output_array(size: int) -> np.ndarray:
-    """A writable uint8 array of ``size`` bytes to assemble a tensor into.
+class OutputPool:
+    """Output arrays for one stream, recycling the memory of those the consumer has dropped.
 
-    Large arrays are backed by their own anonymous mapping, so the memory goes
-    back to the OS as soon as the consumer drops the array. From numpy's usual
-    malloc, glibc keeps freed chunks below its dynamic mmap threshold (up to
-    32 MiB) in the heap, and a streaming consumer's peak RSS drifts tens of MiB
-    past S + largest tensor.
+    Large arrays are backed by their own anonymous mapping, so their memory goes
+    back to the OS when the consumer drops them. From numpy's usual malloc, glibc
+    keeps freed chunks below its dynamic mmap threshold (up to 32 MiB) in the
+    heap, and a streaming consumer's peak RSS drifts tens of MiB past S + largest
+    tensor.
+
+    A streaming consumer drops each array before it asks for the next, and
+    writing into fresh memory costs a page fault per 4 KiB: on the development VM
+    that, not the copy, sets the pace of a load into new arrays. So when every view
+    of an array is gone, its mapping comes back here (a ``weakref.finalize`` on the
+    buffer owner that numpy gives every view of the array), and the next tensor
+    that fits is assembled into pages that are already faulted in. Memory stays
+    where it was: a mapping is taken for a tensor of its size up to half of it; a
+    request that none fits first lets every kept mapping go, and no more than
+    ``cap`` bytes are ever kept. :meth:`close` lets go of them all.
     """
-    if size < OWN_MAPPING_BYTES or not hasattr(mmap, "MAP_PRIVATE"):
-        return np.empty(size, dtype=np.uint8)
-    # Private, not mmap's default shared mapping: shmem pages get no huge pages and unmap slowly.
-    mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    # No MADV_HUGEPAGE: with THP defrag on "madvise" (a common default) each huge-page
-    # fault may stall in direct compaction; measured 0.4-1.3 GB/s with it, a steady
-    # 2.0 GB/s without, for a warm 1 GiB load into owned arrays.
-    return np.frombuffer(mem, dtype=np.uint8)
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._free: list[mmap.mmap] = []
+        self._kept = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        self.reused = 0  # arrays assembled into recycled memory
+        self.reused_bytes = 0
+
+    def array(self, size: int) -> np.ndarray:
+        """A writable uint8 array of ``size`` bytes to assemble a tensor into."""
+        if size < OWN_MAPPING_BYTES or not hasattr(mmap, "MAP_PRIVATE"):
+            return np.empty(size, dtype=np.uint8)
+        mem = self._take(size)
+        if mem is None:
+            # Private, not mmap's default shared mapping: shmem pages get no huge pages and
+            # unmap slowly. No MADV_HUGEPAGE: with THP defrag on "madvise" (a common
+            # default) each huge-page fault may stall in direct compaction; measured 0.4-1.3
+            # GB/s with it, a steady 2.0 GB/s without, for a warm 1 GiB load into owned arrays.
+            mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        arr = np.frombuffer(mem, dtype=np.uint8, count=size)
+        # Every view of ``arr`` (the consumer's typed array, its slices) keeps arr.base alive.
+        weakref.finalize(arr.base, self._give_back, mem)
+        return arr
+
+    def _take(self, size: int) -> mmap.mmap | None:
+        with self._lock:
+            fits = [m for m in self._free if size <= len(m) <= 2 * size]
+            if fits:
+                mem = min(fits, key=len)
+                self._free.remove(mem)
+                self._kept -= len(mem)
+                self.reused += 1
+                self.reused_bytes += size
+                return mem
+            # Nothing fits: what is kept goes back to the OS before a new mapping is made.
+            self._free.clear()
+            self._kept = 0
+            return None
+
+    def _give_back(self, mem: mmap.mmap) -> None:
+        # Runs in whichever thread dropped the last view; the mapping is unmapped by
+        # dropping it (its last reference) if it is not kept.
+        with self._lock:
+            if not self._closed and self._kept + len(mem) <= self.cap:
+                self._free.append(mem)
+                self._kept += len(mem)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._free.clear()
+            self._kept = 0
 
 
 def _copy_segments(jobs: list[tuple[np.ndarray, int, np.ndarray, int, int]]) -> None:
@@ -107,6 +165,7 @@ class _Assembly:
         self.pos = {ti: k for k, ti in enumerate(self.order)}
         largest = max((tensors[i].nbytes for i in self.order), default=0)
         self.allowance = max(largest, ring.slot_size)
+        self.outputs = OutputPool(cap=self.allowance)
         self.next_res = 0
         self.reserved = 0  # bytes of output arrays allocated and not yet delivered
         self.held = 0  # bytes of the last array delivered: the consumer still holds it
@@ -132,7 +191,7 @@ class _Assembly:
             # next to the array the consumer was handed last (while it holds it).
             if self.reserved + self.held + size > self.allowance:
                 return False
-        self.outs[ti] = output_array(size)
+        self.outs[ti] = self.outputs.array(size)
         self.reserved += size
         self.next_res += 1
         ev = self.res_waiters.pop(ti, None)  # other blocks of this tensor waiting for it
@@ -365,6 +424,7 @@ class TensorStream:
             with anyio.CancelScope(shield=True):
                 await self._done.wait()
         self._asm.drop_leases()
+        self._asm.outputs.close()  # arrays the consumer drops from now on go back to the OS
 
     async def __aenter__(self) -> TensorStream:
         return self
@@ -387,4 +447,4 @@ class TensorStream:
 
     def statistics(self) -> AssemblyStatistics:
         a = self._asm
-        return AssemblyStatistics(a.allowance, a.reserved, len(a.ready), a.delivered)
+        return AssemblyStatistics(a.allowance, a.reserved, len(a.ready), a.delivered, a.outputs.reused)
