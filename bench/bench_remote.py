@@ -20,6 +20,16 @@ and each server is taken to serve at most --reads-per-source streams, so asynclo
 with reads-per-source / servers per source (the same server streams in all) and striped with
 reads-per-source on each server. A server then serves at most reads-per-source x R.
 
+--server-bandwidth B (e.g. 4gbit; needs root and `tc`) models servers behind links of bandwidth
+B, the case striping is for: an HTB class per server port on the loopback device caps
+everything that server sends at B in all, however many connections the client opens, so
+asyncload-1-server and asyncload-striped run with the same reads per source. The qdisc is
+removed at the end (the run refuses to start if lo already has one).
+
+"cpu" is the whole machine's busy CPU (all processes and the kernel, from /proc/stat) during
+the sample divided by its wall time, in cores: when it is at the core count, the machine, not
+the servers or the loader, is the limit.
+
 Every sample is a fresh process; methods are interleaved and the median of --repeat is
 reported, in GB/s (decimal) and as ratios: asyncload-1-server / curl (acceptance: >= 0.8) and
 asyncload-striped / asyncload-1-server (acceptance: > 1). asyncload's time includes fetching
@@ -125,6 +135,37 @@ def run_curl(urls: list[str], total: int, parallel: int, cfg: Path) -> float:
     return total / (time.perf_counter() - t0) / 1e9
 
 
+def machine_busy() -> float:
+    """Busy CPU seconds of the whole machine so far, all cores (Linux /proc/stat; else 0)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return 0.0
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def shape_servers(ports: list[int], rate: str) -> None:
+    """Cap each server port's egress on lo at ``rate`` (an HTB class per port; others unshaped)."""
+    have = subprocess.run(["tc", "qdisc", "show", "dev", "lo"], capture_output=True, text=True, check=True)
+    if "htb" in have.stdout or "netem" in have.stdout:
+        raise SystemExit(f"lo already has a qdisc ({have.stdout.strip()}); not touching it")
+    cmds = [
+        "qdisc add dev lo root handle 1: htb default 99 r2q 1000",
+        "class add dev lo parent 1: classid 1:99 htb rate 100gbit",
+    ]
+    for i, port in enumerate(ports):
+        cls = f"1:{10 + i}"
+        cmds.append(f"class add dev lo parent 1: classid {cls} htb rate {rate} ceil {rate}")
+        match = f"protocol ip prio 1 u32 match ip sport {port} 0xffff flowid {cls}"
+        cmds.append(f"filter add dev lo parent 1: {match}")
+    for c in cmds:
+        subprocess.run(["tc", *c.split()], check=True, capture_output=True)
+
+
+def unshape() -> None:
+    subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], check=False, capture_output=True)
+
+
 def run_asyncload(murl: str, repoint: dict[str, str], budget: str, rps: int, backend: str) -> float:
     cmd = [sys.executable, "-m", "asyncload", "--backend", backend, "-q", "load", murl, "--mode", "lease"]
     cmd += ["--json", "--budget", budget, "--reads-per-source", str(rps)]
@@ -146,6 +187,12 @@ def main() -> int:
         "most --reads-per-source streams (one server: reads-per-source / servers per source): a model "
         "of servers of bounded bandwidth; 0 (default) = none",
     )
+    ap.add_argument(
+        "--server-bandwidth",
+        default="",
+        help="cap each server's total egress at this rate with tc on lo (e.g. 4gbit; needs root): "
+        "servers behind links of bounded bandwidth; default none",
+    )
     ap.add_argument("--tensor-size", default="8MiB")
     ap.add_argument("--block-size", default="8MiB")
     ap.add_argument("--budget", default="64MiB")
@@ -159,11 +206,17 @@ def main() -> int:
     if shutil.which("curl") is None:
         raise SystemExit("curl is needed for the baseline")
     size = parse_size(a.size, what="size")
+    if a.server_bandwidth and (os.geteuid() != 0 or shutil.which("tc") is None):
+        raise SystemExit("--server-bandwidth needs root and tc (iproute2)")
     root = Path(tempfile.mkdtemp(prefix="asyncload-remote-"))
     ports: list[int] = []
+    shaped = False
     try:
         for j in range(a.servers):
             ports.append(start_server(root / f"s{j}", a.workers, a.server_rate))
+        if a.server_bandwidth:
+            shape_servers(ports, a.server_bandwidth)
+            shaped = True
         bases = [f"http://127.0.0.1:{p}" for p in ports]
         t0 = time.perf_counter()
         manifest = make_store(
@@ -201,18 +254,25 @@ def main() -> int:
         for f in methods.values():  # warm: page cache, nginx's open-file state
             f()
         samples: dict[str, list[float]] = {k: [] for k in methods}
+        cores: dict[str, list[float]] = {k: [] for k in methods}
         names = list(methods)
         for r in range(a.repeat):
             order = names[r % len(names) :] + names[: r % len(names)]
             for k in order:
+                b0, w0 = machine_busy(), time.perf_counter()
                 samples[k].append(methods[k]())
+                b1, w1 = machine_busy(), time.perf_counter()
+                cores[k].append((b1 - b0) / (w1 - w0))
         med = {k: statistics.median(v) for k, v in samples.items()}
         curl = max(v for k, v in med.items() if k.startswith("curl@"))
         single = max(v for k, v in med.items() if k.startswith("asyncload-1-server"))
         print()
-        print(f"{'method':<26} {'GB/s (median)':>14} {'min':>7} {'max':>7}")
+        print(f"{'method':<26} {'GB/s (median)':>14} {'min':>7} {'max':>7} {'cpu (cores)':>12}")
         for k in names:
-            print(f"{k:<26} {med[k]:>14.2f} {min(samples[k]):>7.2f} {max(samples[k]):>7.2f}")
+            print(
+                f"{k:<26} {med[k]:>14.2f} {min(samples[k]):>7.2f} {max(samples[k]):>7.2f} "
+                f"{statistics.median(cores[k]):>12.2f}"
+            )
         print()
         print(f"asyncload 1 server / curl (fastest server): {single / curl:.2f}  (acceptance >= 0.8)")
         ratio = med["asyncload-striped"] / single
@@ -220,6 +280,7 @@ def main() -> int:
         print(
             f"[{size / 2**30:.2f} GiB, {a.servers} servers x {a.workers} nginx worker(s), "
             f"limit_rate {a.server_rate}/connection, "
+            f"bandwidth {a.server_bandwidth or 'unlimited'}/server, "
             f"block {a.block_size}, "
             f"budget {a.budget}, reads/source {a.reads_per_source}, {a.backend}, {os.cpu_count()} cores, "
             f"{platform.python_version()}, repeat {a.repeat}]"
@@ -227,10 +288,14 @@ def main() -> int:
         print("command:", " ".join([Path(sys.executable).name, *sys.argv]))
         if a.json_out:
             a.json_out.write_text(
-                json.dumps({"args": vars(a) | {"json_out": None}, "samples": samples, "median": med})
+                json.dumps(
+                    {"args": vars(a) | {"json_out": None}, "samples": samples, "median": med, "cores": cores}
+                )
             )
         return 0
     finally:
+        if shaped:
+            unshape()
         for j in range(len(ports)):
             subprocess.run(["bash", str(REPO / "scripts/nginx-down.sh"), str(root / f"s{j}")], check=False)
         shutil.rmtree(root, ignore_errors=True)
