@@ -18,6 +18,12 @@ One run generates a safetensors checkpoint (--size), packs it with `asyncload pa
   asyncload-stream    python -m asyncload load MANIFEST --mode stream ...  (owned arrays, dropped)
   asyncload-lease     python -m asyncload load MANIFEST --mode lease ...   (zero-copy views)
 
+--save adds a save phase (the tensors loaded untimed first, in each fresh process):
+  save-safetensors        safetensors.numpy.save_file(tensors, FILE)  (page cache, no fsync)
+  save-safetensors+fsync  the same, then fsync of the file and its directory
+  save-asyncload          asyncload.save(tensors, ...) over --sources dirs, --block-size blocks:
+                          sha256-keyed blocks, each fsynced before the manifest commit
+
 [peers] methods live in bench/_peers.py and need torch plus the `peers` extra; without them
 they report "unavailable: <reason>" and the run goes on. --plots adds two warm sweeps of
 asyncload-stream (budget 64/128/256/512 MiB; 1/2/4/8 sources, each packed for the sweep) and,
@@ -144,10 +150,75 @@ READERS: dict[str, Callable[[str], Read]] = {
 }
 
 
+# --save: each sample loads the checkpoint untimed, then times writing it out again. Where
+# to comes from the environment the parent sets (SAVE_ENV), so --run-sample keeps two args.
+SAVE_ENV = "ASYNCLOAD_BENCH_SAVE"  # JSON: {"dir": ..., "sources": k, "block_size": ..., "budget": ...}
+SAVE_METHODS = ["save-safetensors", "save-safetensors+fsync", "save-asyncload"]
+
+
+_RSS_BASE: list[int] = [0]  # set by a save sample after its untimed input load
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save(method: str, path: str) -> Read:
+    from safetensors.numpy import load_file, save_file
+
+    cfg = json.loads(os.environ[SAVE_ENV])
+    out = Path(cfg["dir"])
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    tensors = load_file(path)  # untimed: the input in memory, as a trainer holds it
+    nbytes = sum(int(a.nbytes) for a in tensors.values())
+    # RSS growth counts from here: what the save adds to the input it is given.
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    _RSS_BASE[0] = _proc_status("VmRSS")
+    try:
+        t0 = time.perf_counter()
+        if method.startswith("save-safetensors"):
+            save_file(tensors, str(out / "model.safetensors"))
+            if method.endswith("+fsync"):  # the durability asyncload's save gives
+                _fsync_path(out / "model.safetensors")
+                _fsync_path(out)
+        else:
+            import anyio
+
+            sys.path.insert(0, str(REPO))
+            import asyncload
+            from asyncload._config import parse_size as al_size
+
+            dirs = [out / f"d{i}" for i in range(cfg["sources"])]
+            anyio.run(
+                lambda: asyncload.save(
+                    tensors,
+                    out / "model.asyncload.json",
+                    sources=dirs,
+                    block_size=al_size(cfg["block_size"], what="block size"),
+                    budget=al_size(cfg["budget"], what="budget"),
+                ),
+                backend_options={"use_uvloop": True},
+            )
+        seconds = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return seconds, nbytes, len(tensors), None
+
+
+for _m in SAVE_METHODS:
+    READERS[_m] = lambda path, _m=_m: _save(_m, path)
+
+
 def run_sample(method: str, path: str) -> Sample:
     """One baseline or peer sample, in the JSON shape of `asyncload load --json` (lag_ms: null);
     {"unavailable": reason} when a peer's package is missing."""
-    if method == "safetensors.numpy":  # import before the RSS baseline
+    if method == "safetensors.numpy" or method.startswith("save-"):  # import before the RSS baseline
         import safetensors.numpy  # noqa: F401
 
         with contextlib.suppress(ImportError):
@@ -160,7 +231,7 @@ def run_sample(method: str, path: str) -> Sample:
         seconds, nbytes, tensors, _alive = READERS[method](path)
     except _peers.Unavailable as e:
         return {"unavailable": str(e)}
-    growth = _proc_status("VmHWM") - rss0
+    growth = _proc_status("VmHWM") - (_RSS_BASE[0] or rss0)
     return {
         "bytes": nbytes,
         "seconds": seconds,
@@ -387,6 +458,36 @@ def run_phase(
     return {"samples": samples, "medians": medians}
 
 
+def run_save_phase(args: argparse.Namespace, paths: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """--save: every save method round-robin, each sample in a fresh process, median."""
+    cfg = {"dir": str(workdir / "save-out"), "sources": args.sources}
+    cfg |= {"block_size": args.block_size, "budget": args.budget}
+    os.environ[SAVE_ENV] = json.dumps(cfg)
+    try:
+        cmds: dict[str, list[str] | str] = {
+            m: [sys.executable, str(Path(__file__).resolve()), "--run-sample", m, str(paths["st"])]
+            for m in SAVE_METHODS
+        }
+        samples = run_rounds("save", cmds, args.repeat, args.timeout)
+    finally:
+        del os.environ[SAVE_ENV]
+    medians = {m: summarize(s) for m, s in samples.items()}
+    ref = medians["save-safetensors"].get("gbps")
+    ref_sync = medians["save-safetensors+fsync"].get("gbps")
+    print(f"\nsave, median of {args.repeat} ({paths['ck']['file_bytes'] / 1e9:.2f} GB)")
+    print(f"{'method':<24}{'GB/s':>9}{'x st.save':>11}{'x st+fsync':>12}{'RSS+MiB':>9}{'n':>4}")
+    for m, med in medians.items():
+        if med["status"] in ("failed", "unavailable"):
+            print(f"{m:<24}{'failed':>9}  {(med['error'].splitlines() or [''])[0][:70]}")
+            continue
+        g = med["gbps"]
+        r1 = f"{g / ref:.2f}" if ref else "-"
+        r2 = f"{g / ref_sync:.2f}" if ref_sync else "-"
+        rss = med["peak_rss_growth"] / MiB
+        print(f"{m:<24}{g:>9.2f}{r1:>11}{r2:>12}{rss:>9.0f}{med['n']:>4}")
+    return {"samples": samples, "medians": medians}
+
+
 def pack_store(
     st: Path, sources: list[Path], manifest: Path, block_size: str, timeout: float
 ) -> tuple[str, float]:
@@ -509,6 +610,12 @@ def main() -> int:
     add("--repeat", type=int, default=3, help="samples per method and phase (median)" + dflt)
     add("--methods", default=",".join(METHODS), help="comma-separated subset" + dflt)
     add("--cold", action="store_true", help="add a phase evicting page cache before each sample")
+    add(
+        "--save",
+        action="store_true",
+        help="add a save phase: safetensors.numpy.save_file (with and without fsync) against "
+        "asyncload.save (every block fsynced) of the same tensors, over --sources dirs",
+    )
     add("--bf16", action="store_true", help="store MLP weights as bf16 (needs ml_dtypes)")
     add("--timeout", type=float, default=600, help="seconds allowed per subprocess" + dflt)
     add("--out", type=Path, help="raw JSON (default bench/results/load-<timestamp>.json)")
@@ -597,6 +704,8 @@ def main() -> int:
         paths = {"st": st, "manifest": manifest, "files": files, "store": all_files(store), "ck": ck}
         phases = ["warm", "cold"] if args.cold else ["warm"]
         result["phases"] = {ph: run_phase(ph, args, methods, paths, errors) for ph in phases}
+        if args.save:
+            result["phases"]["save"] = run_save_phase(args, paths, workdir)
         if args.plots:
             result["sweeps"] = run_sweeps(args, paths, pack_err, workdir)
             if plots_ok:
