@@ -137,3 +137,23 @@ def test_whatever_the_consumer_keeps_stays_byte_identical(
             assert bytes(part) == whole.tobytes()[7:], name
         else:
             assert np.array_equal(part, whole[len(whole) - len(part) :]), name
+
+
+def test_mappings_let_go_are_unmapped_off_the_calling_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """munmap of a large array stalls whoever runs it: never the event loop's thread."""
+    import asyncload._assemble as asm
+
+    handed: list[int] = []
+    real = asm._UNMAPPER.drop
+    monkeypatch.setattr(asm._UNMAPPER, "drop", lambda mem: (handed.append(len(mem)), real(mem)))
+    pool = OutputPool(cap=4 * MiB)
+    a, b = pool.array(4 * MiB), pool.array(3 * MiB)
+    del a, b
+    gc.collect()
+    assert handed == [3 * MiB]  # over the cap: let go; the 4 MiB one is kept
+    c = pool.array(MiB + 1)  # nothing fits (over 2x): the kept one is let go too
+    assert handed == [3 * MiB, 4 * MiB]
+    pool.close()
+    del c
+    gc.collect()
+    assert handed == [3 * MiB, 4 * MiB, MiB + 1]
