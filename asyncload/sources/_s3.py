@@ -3,10 +3,15 @@
 ``s3://bucket/prefix`` holds block ``key`` as the object ``prefix/key``. The
 client is obstore (Rust ``object_store`` under a tokio runtime): measured
 against aiobotocore on Ceph RGW it moved as many or more bytes per second
-with a quarter to a half less client CPU per GB (docs/remote.md has the figures).
+with a quarter to a half less client CPU per GB (docs/remote.md has the figures);
+block reads skip it where they can (below), which removes the copy out of its buffers.
 
-* Reads are ranged GETs whose body is copied, chunk by chunk (4 MiB) as it
-  arrives, straight into the caller's buffer (in a worker thread). The range
+* Reads are ranged GETs. By default (``S3Options.direct_reads``, static keys
+  or unsigned access) asyncload signs them itself (``_sigv4``) and sends them
+  through the HTTP source's client on the source's own I/O thread, the body
+  received straight into the caller's buffer; an error answer is asked again
+  through obstore for its S3 code. Otherwise obstore's body is copied, chunk
+  by chunk (4 MiB) as it arrives, into the caller's buffer (in a worker thread). The range
   the server says it returns is checked against the one asked for
   (``Content-Range``), and the byte count against it. A body that breaks off
   (reset, stall) is resumed from the first missing byte, pinned to the first
