@@ -56,4 +56,21 @@ class TestHttpSource(SourceConformance):
         return HttpSource("gone", f"http://127.0.0.1:{port}/x", retries=1, backoff=0.01)
 
 
+class TestHttpSourceOnTheCallersLoop(SourceConformance):
+    """``HttpSource(io_thread=False)``: the connections on the calling event loop, no I/O thread."""
+
+    unreachable_within = 10.0
+
+    @pytest.fixture
+    async def source(self, nginx: Nginx) -> AsyncIterator[Source]:
+        src = HttpSource("http", f"{nginx.url}/conformance-{uuid.uuid4().hex[:10]}", io_thread=False)
+        yield src
+        await src.aclose()
+
+    @pytest.fixture
+    def unreachable_source(self) -> Source:
+        port = _servers.free_port()
+        return HttpSource("gone", f"http://127.0.0.1:{port}/x", retries=1, backoff=0.01, io_thread=False)
+
+
 # S3Source runs the same suite against a real Ceph RGW: tests/test_s3.py::TestS3Conformance.
