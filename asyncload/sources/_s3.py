@@ -38,6 +38,7 @@ import atexit
 import random
 import re
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
@@ -238,6 +239,7 @@ class S3Source(Source):
             stall_timeout=o.stall_timeout,
             retries=o.max_retries,
             sign=sign,
+            names=lambda path: f"source {self.id!r}: s3://{self.bucket}/{path} at {self.endpoint}",
         )
 
     # -- names and errors ----------------------------------------------------------
@@ -317,11 +319,6 @@ class S3Source(Source):
                         f"source {self.id!r}: GET {self._where(key)} at {self.endpoint}: "
                         f"HTTP {answer.status} (after {self.options.max_retries} retries)"
                     ) from None
-            except SourceUnavailableError as e:
-                raise SourceUnavailableError(
-                    f"source {self.id!r}: GET {self._where(key)} at {self.endpoint}: "
-                    f"{str(e).rpartition(': GET ')[2]}"
-                ) from None
             else:
                 self._bucket_exists = True
                 return n
@@ -474,7 +471,16 @@ class _Answered(Exception):
 
 
 class _DirectReader(HttpSource):
-    """:class:`HttpSource` whose error answers come back as :class:`_Answered`."""
+    """:class:`HttpSource` for an S3 bucket: its failures name the source, the ``s3://`` object and
+    the endpoint (``names``; never the URL it signs), and error answers come back as
+    :class:`_Answered`."""
+
+    def __init__(self, id: str, location: str, *, names: Callable[[str], str], **kw: Any) -> None:
+        super().__init__(id, location, **kw)
+        self._names = names
+
+    def _where(self, key: str) -> str:
+        return self._names(key)
 
     def _status_error(self, method: str, key: str, resp: Any) -> Exception:
         return _Answered(resp.status)
