@@ -117,7 +117,6 @@ class OutputPool:
         self._lock = threading.Lock()
         self._closed = False
         self.reused = 0  # arrays assembled into recycled memory
-        self.reused_bytes = 0
 
     def array(self, size: int) -> np.ndarray:
         """A writable uint8 array of ``size`` bytes to assemble a tensor into."""
@@ -143,7 +142,6 @@ class OutputPool:
                 self._free.remove(mem)
                 self._kept -= len(mem)
                 self.reused += 1
-                self.reused_bytes += size
                 return mem
             # Nothing fits: what is kept goes back to the OS before a new mapping is made.
             for mem in self._free:

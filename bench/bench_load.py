@@ -190,9 +190,7 @@ def _save(method: str, path: str) -> Read:
         else:
             import anyio
 
-            sys.path.insert(0, str(REPO))
-            import asyncload
-            from asyncload._config import parse_size as al_size
+            import asyncload  # importable: run_cmd puts the repository on PYTHONPATH
 
             dirs = [out / f"d{i}" for i in range(cfg["sources"])]
             anyio.run(
@@ -200,8 +198,8 @@ def _save(method: str, path: str) -> Read:
                     tensors,
                     out / "model.asyncload.json",
                     sources=dirs,
-                    block_size=al_size(cfg["block_size"], what="block size"),
-                    budget=al_size(cfg["budget"], what="budget"),
+                    block_size=cfg["block_size"],  # "16MiB": save parses sizes itself
+                    budget=cfg["budget"],
                 ),
                 backend_options={"use_uvloop": True},
             )
