@@ -322,32 +322,26 @@ class HttpSource(Source):
 
         await self._counted(lambda: self._call(run))
 
-    def _close_pool(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.close_idle()
-
-    async def sync(self) -> None:
-        """Nothing to flush (a PUT answered 2xx is stored); idle connections are let go."""
+    async def _let_idle_go(self, *, forget: bool) -> None:
+        """Close the idle connections (and forget the pool when ``forget``) where the pool lives."""
 
         async def run() -> None:
-            if self._pool is not None:
-                self._pool.close_idle()
+            pool = self._pool
+            if forget:
+                self._pool = None
+            if pool is not None:
+                pool.close_idle()
 
         if self._pool is not None:
             await self._call(run)
 
+    async def sync(self) -> None:
+        """Nothing to flush (a PUT answered 2xx is stored); idle connections are let go."""
+        await self._let_idle_go(forget=False)
+
     async def aclose(self) -> None:
-        if self._io is None:
-            self._close_pool()
-            await anyio.lowlevel.checkpoint()
-            return
-
-        async def run() -> None:
-            self._close_pool()
-
-        if self._io.loop is not None:
-            await self._io.call(run)
+        await self._let_idle_go(forget=True)
+        if self._io is not None and self._io.loop is not None:
             await anyio.to_thread.run_sync(self._io.close)
         await anyio.lowlevel.checkpoint()
 
