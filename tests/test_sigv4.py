@@ -11,7 +11,9 @@ import calendar
 import time
 from urllib.parse import quote
 
-import pytest
+from botocore.auth import S3SigV4Auth  # a test dependency: pyproject's [test] extra
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -72,8 +74,6 @@ def test_each_signature_depends_on_what_it_covers() -> None:
     assert dict(signer.sign(b"GET", b"/b/k", hs, now=MAY_24_2013))[b"authorization"] == base
 
 
-botocore = pytest.importorskip("botocore")
-
 _KEY_CHARS = st.characters(codec="utf-8", exclude_characters="/\0\r\n?#")
 
 
@@ -90,10 +90,6 @@ _KEY_CHARS = st.characters(codec="utf-8", exclude_characters="/\0\r\n?#")
 def test_matches_botocore_for_any_key_range_region_and_token(
     key: list[str], start: int, length: int, region: str, token: str | None, query: str
 ) -> None:
-    from botocore.auth import S3SigV4Auth
-    from botocore.awsrequest import AWSRequest
-    from botocore.credentials import Credentials
-
     path = "/bucket/" + quote("/".join(key), safe="/-._~")
     rng = f"bytes={start}-{start + length - 1}"
     target = f"{path}?{query}" if query else path

@@ -14,7 +14,7 @@ import hashlib
 import hmac
 import time
 from dataclasses import dataclass, field
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 __all__ = ["EMPTY_PAYLOAD", "UNSIGNED_PAYLOAD", "Signer"]
 
@@ -106,8 +106,6 @@ def _canonical_query(query: bytes) -> bytes:
     """Parameters sorted by name, each name and value percent-encoded the AWS way."""
     if not query:
         return b""
-    from urllib.parse import quote
-
     pairs = []
     for part in query.split(b"&"):
         if not part:
