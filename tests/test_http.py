@@ -63,6 +63,16 @@ def relative_dirs(root: pathlib.Path, k: int) -> list[str]:
     return [os.path.relpath(root / f"d{i}") for i in range(k)]
 
 
+async def save_relative_store(root: pathlib.Path, tensors: dict[str, np.ndarray], k: int) -> pathlib.Path:
+    """Save into ``root/m.asyncload.json`` over ``root/d0 ..``, given as paths relative to the
+    current directory, so the manifest records them relative (as `pack --to` writes them)."""
+    dirs = relative_dirs(root, k)
+    path = await asyncload.save(
+        tensors, root / "m.asyncload.json", sources=dirs, block_size=4 * KiB, budget=LOAD_BUDGET
+    )
+    return pathlib.Path(path)
+
+
 def assert_all_same(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
     assert set(got) == set(want)
     for name, arr in got.items():
@@ -112,17 +122,7 @@ async def test_local_tree_copied_under_web_root_loads_from_its_url(
     nginx: Nginx, tmp_path: pathlib.Path
 ) -> None:
     tensors = make_tensors(25, seed=5)
-    # Relative source paths are recorded relative to the manifest (as `pack --to` writes them).
-    dirs = relative_dirs(tmp_path / "store", 3)
-    path = pathlib.Path(
-        await asyncload.save(
-            tensors,
-            tmp_path / "store" / "m.asyncload.json",
-            sources=dirs,
-            block_size=4 * KiB,
-            budget=LOAD_BUDGET,
-        )
-    )
+    path = await save_relative_store(tmp_path / "store", tensors, 3)
     assert [s["location"] for s in read_json(path)["sources"]] == ["d0", "d1", "d2"]
     url = fresh(nginx, "copied")
     shutil.copytree(tmp_path / "store", www_path(nginx, url))
@@ -132,16 +132,7 @@ async def test_local_tree_copied_under_web_root_loads_from_its_url(
 @pytest.mark.anyio
 async def test_manifest_url_with_missing_blocks_fails_cleanly(nginx: Nginx, tmp_path: pathlib.Path) -> None:
     tensors = make_tensors(10, seed=6)
-    dirs = relative_dirs(tmp_path / "store", 2)
-    path = pathlib.Path(
-        await asyncload.save(
-            tensors,
-            tmp_path / "store" / "m.asyncload.json",
-            sources=dirs,
-            block_size=4 * KiB,
-            budget=LOAD_BUDGET,
-        )
-    )
+    path = await save_relative_store(tmp_path / "store", tensors, 2)
     url = fresh(nginx, "partial")
     shutil.copytree(tmp_path / "store", www_path(nginx, url))
     shutil.rmtree(www_path(nginx, url) / "d1")
