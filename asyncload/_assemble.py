@@ -169,6 +169,38 @@ class OutputPool:
             self._kept = 0
 
 
+Lease = tuple[Slot, ...]  # the slots a zero-copy view keeps, in block order
+
+
+def lease_spans(plan: LoadPlan, ring: Ring, *, copy: bool, across_blocks: bool = True) -> list[int]:
+    """Per tensor, how many blocks its zero-copy lease holds (0: not leased, copied).
+
+    Without ``copy``, a tensor inside one block is leased. A tensor over several
+    blocks is leased too when the ring is mirrored (slots given in order, so
+    consecutive blocks sit side by side even across the wrap) and every block but
+    its last fills a slot exactly (no GCM tag between), up to half the ring's
+    slots: the other half keeps reads running ahead while the consumer holds it.
+    """
+    if copy:
+        return [0] * len(plan.tensors)
+    spans = [1 if p == 1 else 0 for p in plan.pieces]
+    if not (across_blocks and ring.mirrored):
+        return spans
+    limit = ring.statistics().slots_total // 2
+    short: set[int] = set()  # tensors with a block that does not fill its slot, before their last
+    last_block: dict[int, int] = {}
+    for bp in plan.blocks:
+        for seg in bp.segments:
+            last_block[seg.tensor] = bp.block.index
+    for bp in plan.blocks:
+        if bp.block.length != ring.slot_size:
+            short.update(s.tensor for s in bp.segments if last_block[s.tensor] != bp.block.index)
+    for ti, p in enumerate(plan.pieces):
+        if 1 < p <= limit and ti not in short:
+            spans[ti] = p
+    return spans
+
+
 def _copy_segments(jobs: list[tuple[np.ndarray, int, np.ndarray, int, int]]) -> None:
     for out, t0, src, b0, n in jobs:
         out[t0 : t0 + n] = src[b0 : b0 + n]
@@ -184,14 +216,26 @@ class _Assembly:
         *,
         copy: bool,
         threads: anyio.CapacityLimiter | None = None,
+        across_blocks: bool = True,
     ) -> None:
         self.plan = plan
         self.threads = threads
         self.ring = ring
         self.copy = copy
         tensors = plan.tensors
-        # A tensor is leased (copy=False) when it sits whole inside one block.
-        self.leased = [not copy and p == 1 for p in plan.pieces]
+        # A tensor is leased (copy=False) when it sits whole inside one block, or, in a
+        # ring that hands out slots in order, when its blocks fill their slots end to end.
+        self.spans = lease_spans(plan, ring, copy=copy, across_blocks=across_blocks)
+        self.leased = [n > 0 for n in self.spans]
+        self.sequential = any(n > 1 for n in self.spans)
+        self.lease_start: dict[int, int] = {}  # tensor -> its offset in its first block
+        self.first_block: dict[int, int] = {}
+        for bp in plan.blocks:
+            for seg in bp.segments:
+                if self.spans[seg.tensor] > 1 and seg.tensor_start == 0:
+                    self.lease_start[seg.tensor] = seg.block_start
+                    self.first_block[seg.tensor] = bp.block.index
+        self.parts: dict[int, list[Slot | None]] = {}  # multi-block leases still being read
         self.order = [i for i, t in enumerate(tensors) if t.nbytes and not self.leased[i]]
         self.pos = {ti: k for k, ti in enumerate(self.order)}
         largest = max((tensors[i].nbytes for i in self.order), default=0)
@@ -203,7 +247,7 @@ class _Assembly:
         self.outs: dict[int, np.ndarray] = {}
         self.remaining = list(plan.pieces)
         self.res_waiters: dict[int, anyio.Event] = {}
-        self.ready: deque[tuple[int, np.ndarray, Slot | None]] = deque()
+        self.ready: deque[tuple[int, np.ndarray, Lease | None]] = deque()
         self.delivered = 0
         self.wakeup = anyio.Event()
         self.consumer_waiting = False
@@ -246,11 +290,18 @@ class _Assembly:
             await ev.wait()
 
     # -- ready queue -------------------------------------------------------------------
-    def push(self, ti: int, raw: np.ndarray, lease: Slot | None) -> None:
+    def push(self, ti: int, raw: np.ndarray, lease: Lease | None) -> None:
         self.ready.append((ti, raw, lease))
         self.wakeup.set()
 
-    def take(self) -> tuple[int, np.ndarray, Slot | None] | None:
+    def let_go(self, lease: Lease) -> None:
+        """Release the slots a lease holds (a wrapped span also drops its mirrored pages)."""
+        for slot in lease:
+            self.ring.release(slot)
+        if len(lease) > 1:
+            self.ring.forget_span(lease[0], len(lease))
+
+    def take(self) -> tuple[int, np.ndarray, Lease | None] | None:
         if not self.ready:
             return None
         ti, raw, lease = self.ready.popleft()
@@ -279,10 +330,41 @@ class _Assembly:
             self._wake_reserver()
 
     def drop_leases(self) -> None:
+        """Release every slot held for the consumer: queued leases and leases left half read."""
         while self.ready:
             _, _, lease = self.ready.popleft()
             if lease is not None:
-                self.ring.release(lease)
+                self.let_go(lease)
+        for parts in self.parts.values():
+            for slot in parts:
+                if slot is not None:
+                    self.ring.release(slot)
+        self.parts.clear()
+
+    def _lease_part(self, seg: Segment, bp: BlockPlan, slot: Slot) -> None:
+        """One block of a leased tensor has landed; push the tensor's view once all have."""
+        self.ring.retain(slot)
+        ti = seg.tensor
+        n = self.spans[ti]
+        if n == 1:
+            self.push(ti, slot.memory[seg.block_start : seg.block_start + seg.length], (slot,))
+            return
+        parts = self.parts.setdefault(ti, [None] * n)
+        parts[bp.block.index - self.first_block[ti]] = slot
+        self.remaining[ti] -= 1
+        if self.remaining[ti]:
+            return
+        del self.parts[ti]
+        lease = tuple(p for p in parts if p is not None)
+        first = lease[0]
+        count = self.ring.statistics().slots_total
+        if len(lease) != n or any(s.index != (first.index + k) % count for k, s in enumerate(lease)):
+            for s in lease:
+                self.ring.release(s)
+            name = self.plan.tensors[ti].name
+            raise RuntimeError(f"tensor {name!r}: its blocks did not get adjacent slots")
+        start = self.lease_start[ti]
+        self.push(ti, self.ring.span(first, n)[start : start + self.plan.tensors[ti].nbytes], lease)
 
     # -- one block -----------------------------------------------------------------
     async def on_block(self, bp: BlockPlan, slot: Slot) -> None:
@@ -292,9 +374,7 @@ class _Assembly:
             for seg in bp.segments:
                 ti = seg.tensor
                 if self.leased[ti]:
-                    self.ring.retain(slot)
-                    view = slot.memory[seg.block_start : seg.block_start + seg.length]
-                    self.push(ti, view, slot)
+                    self._lease_part(seg, bp, slot)
                     continue
                 if not self.try_reserve(ti):
                     await self._flush(jobs, done)
@@ -347,7 +427,10 @@ class TensorStream:
         self._plan = plan
         self._reader = reader
         self._spawn = spawn
-        self._asm = _Assembly(plan, reader.ring, copy=copy, threads=reader.threads)
+        # A striped manifest's reader takes slots a stripe at a time, not in block order.
+        self._asm = _Assembly(
+            plan, reader.ring, copy=copy, threads=reader.threads, across_blocks=not reader.stripes
+        )
         self._on_finish = on_finish
         self._scope: anyio.CancelScope | None = None
         self._done = anyio.Event()
@@ -356,7 +439,7 @@ class TensorStream:
         self._closed = False
         self._superseded = False
         self._error: BaseException | None = None
-        self._lease: Slot | None = None
+        self._lease: Lease | None = None
         self._blocks: dict[int, BlockPlan] = {bp.block.index: bp for bp in plan.blocks}
 
     # -- producer --------------------------------------------------------------------
@@ -372,6 +455,8 @@ class TensorStream:
                 async def on_block(block: BlockRef, slot: Slot) -> None:
                     await asm.on_block(self._blocks[block.index], slot)
 
+                # Leases over several blocks need each block's slot next to the one before.
+                self._reader.ring.sequential = asm.sequential
                 await self._reader.run([bp.block for bp in self._plan.blocks], on_block)
         except Exception as exc:  # surfaced to the consumer, not to the model's task group
             self._error = unwrap_group(exc)
@@ -411,7 +496,7 @@ class TensorStream:
                     arr = as_array(info, raw)
                 except BaseException:
                     if lease is not None:
-                        self._reader.ring.release(lease)
+                        asm.let_go(lease)
                     await self.aclose()
                     raise
                 if lease is not None:
@@ -435,7 +520,7 @@ class TensorStream:
     def _release_lease(self) -> None:
         if self._lease is not None:
             lease, self._lease = self._lease, None
-            self._reader.ring.release(lease)
+            self._asm.let_go(lease)
 
     def cancel(self, *, superseded: bool = False) -> None:
         """Stop the reads now (synchronous); slots come back as the reads unwind."""

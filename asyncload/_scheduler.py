@@ -17,6 +17,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import anyio
@@ -433,7 +434,10 @@ async def open_reader(
     The rings are allocated (and touched) in a worker thread; :meth:`BlockReader.close` frees them.
     """
     held_for_parity = limits.parity_slots(len(sources), manifest.parity)
-    ring = await run_sync(Ring, limits.slot_size, limits.slots - held_for_parity)
+    # Mirrored, so that a lease may span consecutive blocks (see _mirror); not when striped.
+    ring = await run_sync(
+        partial(Ring, mirrored=not manifest.stripes), limits.slot_size, limits.slots - held_for_parity
+    )
     parity_ring = await run_sync(Ring, limits.slot_size, held_for_parity) if held_for_parity else None
     return BlockReader.for_sources(
         ring,

@@ -78,10 +78,11 @@ READER = textwrap.dedent(
                     return int(line.split()[1]) * 1024
         raise KeyError(field)
 
-    async def main(path, budget):
+    async def main(path, budget, copy):
         lags = []
         stop = anyio.Event()
         tensors = 0
+        views = 0
         bad = []
 
         async def heartbeat():
@@ -98,11 +99,13 @@ READER = textwrap.dedent(
             tg.start_soon(heartbeat)
             async with asyncload.open(path, budget=budget) as model:
                 index = {t.name: i for i, t in enumerate(model.manifest.tensors)}
-                async for name, arr in model.stream():
+                async for name, arr in model.stream(copy=copy):
                     want = int(name.split(".")[1]) % 100
                     if arr.dtype.name not in ("float16", "float32") or not np.all(arr[::4099] == want):
                         bad.append(name)
                     tensors += 1
+                    if not arr.flags.writeable and arr.nbytes > model.manifest.block_size:
+                        views += 1  # a lease over several blocks
                     del arr  # the consumer drops each array
                 bytes_read = sum(model.statistics().bytes_read_per_source.values())
             stop.set()
@@ -111,6 +114,7 @@ READER = textwrap.dedent(
         print(json.dumps({
             "growth": status("VmHWM") - base,
             "tensors": tensors,
+            "views": views,
             "bad": bad,
             "bytes_read": bytes_read,
             "samples": len(lags),
@@ -119,7 +123,10 @@ READER = textwrap.dedent(
             "seconds": seconds,
         }))
 
-    anyio.run(main, sys.argv[1], int(sys.argv[2]), backend_options={"use_uvloop": sys.argv[3] == "uvloop"})
+    anyio.run(
+        main, sys.argv[1], int(sys.argv[2]), sys.argv[4] == "copy",
+        backend_options={"use_uvloop": sys.argv[3] == "uvloop"},
+    )
     """
 )
 
@@ -140,13 +147,19 @@ def big_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pathlib.Path
         shutil.rmtree(root)
 
 
-@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
-def test_streaming_a_big_checkpoint_stays_within_budget(big_store: pathlib.Path, loop: str) -> None:
+@pytest.mark.parametrize(
+    ("loop", "mode"),
+    [("asyncio", "copy"), ("uvloop", "copy"), ("uvloop", "lease")],
+)
+def test_streaming_a_big_checkpoint_stays_within_budget(
+    big_store: pathlib.Path, loop: str, mode: str
+) -> None:
+    """Owned arrays dropped one by one, or zero-copy leases (over several blocks: the mirrored ring)."""
     plan = _plan()
     total = sum(n for _, _, n in plan)
     assert total >= TOTAL_MIN
     proc = subprocess.run(
-        [sys.executable, "-c", READER, str(big_store), str(BUDGET), loop],
+        [sys.executable, "-c", READER, str(big_store), str(BUDGET), loop, mode],
         check=True,
         capture_output=True,
         text=True,
@@ -155,6 +168,7 @@ def test_streaming_a_big_checkpoint_stays_within_budget(big_store: pathlib.Path,
     report = json.loads(proc.stdout)
     assert report["tensors"] == len(plan)
     assert report["bad"] == []
+    assert (report["views"] > 0) == (mode == "lease"), report
     assert report["bytes_read"] >= total
     # Peak memory: the ring (S), the tensor being assembled, and 64 MiB for everything else.
     assert report["growth"] <= BUDGET + LARGEST + 64 * MiB, report
