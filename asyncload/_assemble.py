@@ -410,9 +410,11 @@ class TensorStream:
     cancels every read and releases every slot. (Garbage collection cannot do
     it: the running reads keep the stream alive.)
 
-    With ``copy=False`` a tensor that sits inside one block is returned as a
-    read-only view into its slot (a zero-copy lease), valid until the next
-    item is requested or the stream closes; the others are owned arrays.
+    With ``copy=False`` a tensor that sits inside one block, or over
+    consecutive blocks that fill their slots (see :func:`lease_spans`), is
+    returned as a read-only view into the ring (a zero-copy lease), valid
+    until the next item is requested or the stream closes; the others are
+    owned arrays.
     """
 
     def __init__(
