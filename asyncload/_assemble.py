@@ -178,15 +178,17 @@ def lease_spans(plan: LoadPlan, ring: Ring, *, copy: bool, across_blocks: bool =
     Without ``copy``, a tensor inside one block is leased. A tensor over several
     blocks is leased too when the ring is mirrored (slots given in order, so
     consecutive blocks sit side by side even across the wrap) and every block but
-    its last fills a slot exactly (no GCM tag between), up to half the ring's
-    slots: the other half keeps reads running ahead while the consumer holds it.
+    its last fills a slot exactly (no GCM tag between), over up to all the ring's
+    slots but one, which keeps the reader going while the consumer holds the lease.
+    (Half the slots at most had left a 512 MiB ring copying the bench's 310 MiB
+    tensors: 4.5-4.7 GB/s against 5.1-5.25 leasing them.)
     """
     if copy:
         return [0] * len(plan.tensors)
     spans = [1 if p == 1 else 0 for p in plan.pieces]
     if not (across_blocks and ring.mirrored):
         return spans
-    limit = ring.statistics().slots_total // 2
+    limit = ring.statistics().slots_total - 1  # a lease never needs every slot at once
     short: set[int] = set()  # tensors with a block that does not fill its slot, before their last
     last_block: dict[int, int] = {}
     for bp in plan.blocks:

@@ -60,6 +60,7 @@ def test_both_halves_of_mirrored_memory_are_the_same_bytes() -> None:
 
 @linux_only
 def test_mirrored_memory_is_unmapped_when_its_last_view_goes() -> None:
+    gc.collect()  # rings of earlier tests that only the collector frees
     before = _ring_mappings()
     mem = mirrored_memory(256 * KiB)
     view = mem[10:20]  # type: ignore[index]
@@ -195,11 +196,11 @@ def test_lease_spans_cover_only_blocks_that_sit_end_to_end(
         elif len(mine) == 1:
             assert spans[ti] == 1
         elif spans[ti]:
-            assert spans[ti] == len(mine) <= count // 2
+            assert spans[ti] == len(mine) <= count - 1
             assert all(b.length == m for b in mine[:-1])  # end to end in adjacent slots
         else:
             # not mirrored (the ring is not whole pages), too long, or a short block inside
-            assert not ring.mirrored or len(mine) > count // 2 or any(b.length != m for b in mine[:-1])
+            assert not ring.mirrored or len(mine) > count - 1 or any(b.length != m for b in mine[:-1])
     assert lease_spans(plan, ring, copy=copy, across_blocks=False) == [
         0 if copy else int(p == 1) for p in plan.pieces
     ]
@@ -237,8 +238,8 @@ async def _lease_all(path: pathlib.Path, budget: int) -> tuple[dict[str, bytes],
 async def test_tensors_over_several_blocks_are_leased_as_views_byte_for_byte(tmp_path: pathlib.Path) -> None:
     m = 4 * KiB
     rng = np.random.default_rng(7)
-    # 1 to 6 blocks each, unaligned; the ring has 8 slots, so spans of up to 4 blocks are leased.
-    sizes = [3 * KiB, 9 * KiB + 5, 13 * KiB, 2 * KiB + 1, 16 * KiB, 21 * KiB + 3, 7 * KiB, 11 * KiB] * 4
+    # 1 to 11 blocks each, unaligned; the ring has 8 slots, so spans of up to 7 blocks are leased.
+    sizes = [3 * KiB, 9 * KiB + 5, 13 * KiB, 2 * KiB + 1, 16 * KiB, 21 * KiB + 3, 7 * KiB, 40 * KiB + 1] * 4
     tensors = {f"t{i:02d}": rng.integers(0, 256, size=n, dtype=np.uint8) for i, n in enumerate(sizes)}
     path = await asyncload.save(
         tensors, tmp_path / "m.json", sources=[tmp_path / "a", tmp_path / "b"], block_size=m
@@ -256,10 +257,10 @@ async def test_tensors_over_several_blocks_are_leased_as_views_byte_for_byte(tmp
         too_long = {
             n
             for n, t in model.tensors.items()
-            if sum(b.offset < t.end and t.begin < b.end for b in blocks) > 4
+            if sum(b.offset < t.end and t.begin < b.end for b in blocks) > 7
         }
     assert over - too_long and too_long
-    assert over - too_long <= set(in_ring)  # every tensor over 2-4 blocks was a view
+    assert over - too_long <= set(in_ring)  # every tensor over 2-7 blocks was a view
     assert not too_long & set(in_ring)  # longer ones were copied
     assert wrapped  # and some of those views ran across the ring's end
 
