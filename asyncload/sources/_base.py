@@ -25,6 +25,7 @@ class SourceStatistics:
     bytes_written: int
     errors: int
     in_flight: int
+    uncached_reads: int = 0  # reads that had to wait for a disk (LocalSource: not in the page cache)
 
 
 class Source(ABC):

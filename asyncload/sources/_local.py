@@ -22,6 +22,7 @@ confined.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import os
@@ -31,11 +32,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import anyio
 import numpy as np
 
 from .._exceptions import BlockNotFoundError, SourceUnavailableError
 from .._threads import run_sync
-from ._base import Source
+from ._base import Source, SourceStatistics
 
 __all__ = ["LocalSource"]
 
@@ -74,6 +76,9 @@ class LocalSource(Source):
         self._create = create
         self._follow = follow_symlinks
         self._dirs_to_sync: set[Path] = set()
+        self._nowait = True  # try RWF_NOWAIT reads until the file system refuses them
+        self._io_threads: anyio.CapacityLimiter | None = None
+        self._uncached = 0  # reads that had to wait for the disk
 
     # -- paths ---------------------------------------------------------------------
     def _parts(self, key: str) -> list[str]:
@@ -179,28 +184,80 @@ class LocalSource(Source):
         return fd
 
     # -- reads ---------------------------------------------------------------------
-    def _read_sync(self, key: str, offset: int, buf: memoryview) -> int:
-        fd = self._open_read(key)
-        done = 0
+    def _fill(self, fd: int, key: str, offset: int, buf: memoryview, done: int, nowait: bool) -> int:
+        """``preadv`` into ``buf[done:]`` until it is full or the file ends; return the bytes in ``buf``.
+
+        With ``nowait`` (``RWF_NOWAIT``), stop where the page cache has nothing more.
+        """
+        want = len(buf)
         try:
-            want = len(buf)
             while done < want:
-                n = os.preadv(fd, [buf[done:]], offset + done)
+                if nowait:
+                    n = os.preadv(fd, [buf[done:]], offset + done, _RWF_NOWAIT)
+                else:
+                    n = os.preadv(fd, [buf[done:]], offset + done)
                 if n == 0:
                     break
                 done += n
-            return done
+        except BlockingIOError:
+            pass  # the rest must come from the disk
         except OSError as e:
+            if nowait and e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                self._nowait = False  # this file system has no non-blocking reads
+                return done
             raise SourceUnavailableError(
                 f"source {self.id!r}: read of {key!r} at {offset + done} failed: {e.strerror}"
             ) from None
+        return done
+
+    def _read_sync(self, key: str, offset: int, buf: memoryview) -> int:
+        fd = self._open_read(key)
+        try:
+            return self._fill(fd, key, offset, buf, 0, nowait=False)
         finally:
             os.close(fd)
 
+    def _read_cached_sync(self, key: str, offset: int, buf: memoryview) -> tuple[int, int, bool]:
+        """Open ``key`` and read what the page cache holds: (fd, bytes read, end of file reached)."""
+        fd = self._open_read(key)
+        try:
+            done = self._fill(fd, key, offset, buf, 0, nowait=True)
+            at_end = done < len(buf) and offset + done >= os.fstat(fd).st_size
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, done, at_end
+
     async def read_into(self, key: str, offset: int, buf: memoryview) -> int:
-        return await self._counted_read(
-            lambda: run_sync(self._read_sync, key, offset, buf, limiter=self.threads)
-        )
+        return await self._counted_read(lambda: self._read(key, offset, buf))
+
+    async def _read(self, key: str, offset: int, buf: memoryview) -> int:
+        """Cached bytes in a worker thread; whatever must wait for the disk, in an I/O thread.
+
+        A warm read is a memory copy: it runs under ``threads`` (one per core), where
+        more threads would only contend. A cold read mostly waits for the disk, and a
+        worker thread waiting there is one core's worth of copies and checksums not
+        done. So a read first takes what the page cache holds without blocking
+        (``preadv2`` with ``RWF_NOWAIT``, which also starts the disk reading ahead),
+        and only the rest waits for the disk, in one of this source's ``io_threads``.
+        4 GiB store, every block evicted: leased 1.46-1.51 -> 1.75-1.80 GB/s, loaded
+        into owned arrays 0.94-0.96 -> 1.02 GB/s; warm loads unchanged.
+        """
+        if not (_RWF_NOWAIT and self._nowait):
+            return await run_sync(self._read_sync, key, offset, buf, limiter=self.threads)
+        fd, done, at_end = await run_sync(self._read_cached_sync, key, offset, buf, limiter=self.threads)
+        try:
+            if done == len(buf) or at_end:
+                return done
+            self._uncached += 1
+            if self._io_threads is None:  # made here, on the event loop that reads
+                self._io_threads = anyio.CapacityLimiter(IO_THREADS)
+            return await run_sync(self._fill, fd, key, offset, buf, done, False, limiter=self._io_threads)
+        finally:
+            os.close(fd)
+
+    def statistics(self) -> SourceStatistics:
+        return dataclasses.replace(super().statistics(), uncached_reads=self._uncached)
 
     def _size_sync(self, key: str) -> int:
         fd = self._open_read(key)
@@ -279,6 +336,11 @@ def makedirs_private(path: Path) -> list[Path]:
                 raise
     return made
 
+
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+# Threads per source in which reads wait for the disk (see LocalSource._read). 4 did as well
+# as 8 or 16 on the development VM; the ring and reads_per_source bound reads in flight anyway.
+IO_THREADS = 4
 
 # Direct I/O: writes of whole aligned pages from page-aligned memory skip the page cache.
 DIRECT_ALIGN = 4096
