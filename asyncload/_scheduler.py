@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import statistics as _stats
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -88,18 +89,24 @@ class ReadAround(SourceUnavailableError):
 class _Health:
     """What the reader has seen of one source: read speed (EWMA of seconds per byte) and failures."""
 
-    __slots__ = ("failures", "probe", "sec_per_byte", "slow")
+    __slots__ = ("active", "failures", "probe", "sec_per_byte", "slow")
 
     def __init__(self) -> None:
         self.sec_per_byte: float | None = None
         self.failures = 0  # consecutive failed reads
         self.slow = False
         self.probe = 0  # units since the source was last read directly while slow or down
+        self.active = 0  # reads running on the source now
 
-    def record(self, seconds: float, nbytes: int) -> None:
+    def record(self, seconds: float, nbytes: int, sharing: float = 1.0) -> None:
+        """A read of ``nbytes`` took ``seconds`` while ``sharing`` reads (itself included) ran on the source.
+
+        The pace kept is the source's, not the read's: reads that share a source share
+        its bandwidth, so four at once each take four times as long on a healthy source.
+        """
         if nbytes <= 0:
             return
-        x = seconds / nbytes
+        x = seconds / nbytes / max(1.0, sharing)
         if self.sec_per_byte is None or x < self.sec_per_byte:
             self.sec_per_byte = x  # a fast read counts at once: a source recovers from one hiccup
         else:
@@ -177,8 +184,16 @@ class BlockReader:
         parity_ring: Ring | None = None,
         block_table: Sequence[BlockRef] = (),
     ) -> BlockReader:
-        """A reader with one limiter per source and one worker-thread limiter, from ``limits``."""
-        limiters = {k: anyio.CapacityLimiter(limits.reads_per_source) for k in sources}
+        """A reader with one limiter per source and one worker-thread limiter, from ``limits``.
+
+        Where a block can be read elsewhere (copies or parity), each source's limiter
+        starts at one read and grows by one with each read the source serves at a
+        healthy pace, up to ``reads_per_source`` (a slow start): until the first reads
+        show which source lags, no more than one read waits on it.
+        """
+        redundant = bool(stripes) or any(b.copies for b in block_table)
+        first = 1 if redundant else limits.reads_per_source
+        limiters = {k: anyio.CapacityLimiter(first) for k in sources}
         threads = threads or anyio.CapacityLimiter(limits.threads)
         return cls(
             ring,
@@ -257,6 +272,8 @@ class BlockReader:
                     if on_start is not None:
                         on_start()
                     t0 = time.monotonic()
+                    health.active += 1
+                    sharing: float = health.active
                     try:
                         with anyio.fail_after(timeout):
                             n = await source.read_into(key, offset, buf)
@@ -265,7 +282,13 @@ class BlockReader:
                         raise SourceUnavailableError(
                             f"{what}: no answer from source {source_id!r} within {timeout:g} s"
                         ) from None
-                    health.record(time.monotonic() - t0, n)
+                    finally:
+                        sharing = (sharing + health.active) / 2  # reads beside it, at its start and end
+                        health.active -= 1
+                    health.record(time.monotonic() - t0, n, sharing)
+                    limiter = self.limiters[source_id]
+                    if limiter.total_tokens < self.limits.reads_per_source and not self._lags(source_id):
+                        limiter.total_tokens += 1  # slow start (see for_sources)
                     return n
             except ReadAround:
                 raise
@@ -280,6 +303,17 @@ class BlockReader:
                 self._bytes_in_flight -= len(buf)
                 self._reads_in_flight -= 1
         raise AssertionError("unreachable")
+
+    def _lags(self, source_id: str) -> bool:
+        """Whether a source is, or now looks, far slower than its peers (``hedge`` x their median pace)."""
+        health = self._health[source_id]
+        if health.slow:
+            return True
+        peers = [h.sec_per_byte for k, h in self._health.items() if k != source_id]
+        known = [p for p in peers if p is not None]
+        if not self.limits.hedge or health.sec_per_byte is None or len(known) < 2:
+            return False
+        return health.sec_per_byte > self.limits.hedge * _stats.median(known)
 
     async def _verify(self, what: str, data: memoryview, crc: int | None, sha: str | None) -> None:
         if crc is not None:

@@ -677,12 +677,19 @@ class SlowSource(Source):
         self.latency = latency
         self.reads_started = 0
         self.reads_done = 0
+        self.running = 0
+        self.peak_running = 0  # most reads in progress at once
 
     async def read_into(self, key: str, offset: int, buf: memoryview) -> int:
         self.reads_started += 1
-        await anyio.sleep(self.latency)  # the simulated device latency, not synchronisation
-        self.inner.threads = self.threads
-        n = await self.inner.read_into(key, offset, buf)
+        self.running += 1
+        self.peak_running = max(self.peak_running, self.running)
+        try:
+            await anyio.sleep(self.latency)  # the simulated device latency, not synchronisation
+            self.inner.threads = self.threads
+            n = await self.inner.read_into(key, offset, buf)
+        finally:
+            self.running -= 1
         self.reads_done += 1
         return n
 
@@ -718,6 +725,48 @@ async def test_slow_source_is_hedged_and_read_around(tmp_path: pathlib.Path) -> 
     m = read_manifest(path)
     on_s3 = [b for b in m.blocks if b.source == "s3" and touching(m, [b])]
     assert held["s3"].reads_done < len(on_s3)  # most of its blocks were rebuilt, not waited for
+    # Slow start: a source gets a second read at once only after a first one at a healthy
+    # pace, so the slow one never had more than one (reads_per_source is 4).
+    assert held["s3"].peak_running == 1
+
+
+def test_a_source_pace_is_its_own_not_one_read_s() -> None:
+    from asyncload._scheduler import _Health
+
+    alone, shared = _Health(), _Health()
+    alone.record(0.4, 100)
+    shared.record(0.4, 100, sharing=4)  # four reads at once, each a quarter of the bandwidth
+    assert alone.sec_per_byte == pytest.approx(0.004)
+    assert shared.sec_per_byte == pytest.approx(0.001)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("redundant", [False, True])
+async def test_sources_start_with_one_read_only_where_blocks_can_be_read_elsewhere(
+    tmp_path: pathlib.Path, redundant: bool
+) -> None:
+    from asyncload._config import Limits
+    from asyncload._scheduler import BlockReader, open_reader
+    from asyncload.sources import LocalSource
+
+    tensors = make_tensors(seed=4)
+    path = await save(tmp_path, 4, 1 if redundant else 0, tensors)
+    m = read_manifest(path)
+    sources = {s.id: LocalSource(s.id, source_dir(path, s.id)) for s in m.sources}
+    limits = Limits(budget=budget_for(4), block_size=m.block_size, reads_per_source=3)
+    reader: BlockReader = await open_reader(m, sources, limits)
+    try:
+        assert {lim.total_tokens for lim in reader.limiters.values()} == {1 if redundant else 3}
+        if redundant:
+            block = next(b for b in m.blocks if not b.missing)
+            slot = reader.ring.try_acquire()
+            assert slot is not None
+            for grown in (2, 3, 3):  # each healthy read adds one, up to reads_per_source
+                await reader.read_copy(block, block.source, slot)
+                assert reader.limiters[block.source].total_tokens == grown
+            reader.ring.release(slot)
+    finally:
+        reader.close()
 
 
 # --------------------------------------------------------------------------- resume and dedupe
