@@ -297,3 +297,55 @@ async def test_a_stream_closed_mid_lease_gives_every_slot_back(tmp_path: pathlib
             assert model.statistics().slots_in_use == 0
         loaded = await model.load()  # and a copying stream after it still loads every byte
         assert {n: a.tobytes() for n, a in loaded.items()} == {n: t.tobytes() for n, t in tensors.items()}
+
+
+@linux_only
+@pytest.mark.anyio
+@pytest.mark.parametrize("replicas", [1, 2])
+async def test_a_corrupt_block_under_a_lease_is_read_again_or_refused(
+    tmp_path: pathlib.Path, replicas: int
+) -> None:
+    """A block of a tensor leased over several blocks fails its checksum on one source: with a
+    second copy the view still shows exact bytes; without, the stream raises ChecksumError.
+    Either way every slot comes back."""
+    from asyncload.testing import FaultySource
+
+    m = 4 * KiB
+    rng = np.random.default_rng(11)
+    tensors = {
+        f"t{i}": rng.integers(0, 256, size=n, dtype=np.uint8)
+        for i, n in enumerate([5 * KiB, 14 * KiB, 9 * KiB])
+    }
+    dirs = [tmp_path / f"d{i}" for i in range(2)]
+    path = await asyncload.save(tensors, tmp_path / "m.json", sources=dirs, block_size=m, replicas=replicas)
+    async with asyncload.open(path, budget=8 * m) as probe:
+        t1 = probe.tensors["t1"]
+        inside = [b for b in probe.manifest.blocks if t1.begin < b.offset and b.end < t1.end]
+    bad = inside[0]  # a block wholly inside t1: t1 is leased over 4-5 blocks
+    faulty: dict[str, FaultySource] = {}
+
+    def wrap(src: asyncload.sources.Source) -> asyncload.sources.Source:
+        if src.id != bad.source:
+            return src
+        faulty[src.id] = FaultySource(src, corrupt_keys=[bad.key])
+        return faulty[src.id]
+
+    got: dict[str, bytes] = {}
+    async with asyncload.open(path, budget=8 * m, wrap_source=wrap) as model:
+        with anyio.fail_after(20):
+            if replicas == 2:
+                async with model.stream(copy=False) as stream:
+                    async for name, arr in stream:
+                        if name == "t1":
+                            assert not arr.flags.writeable  # still a lease
+                        got[name] = arr.tobytes()
+                assert got == {n: t.tobytes() for n, t in tensors.items()}
+                assert model.statistics().degraded_reads >= 1
+            else:
+                with pytest.raises(asyncload.ChecksumError, match=f"block {bad.index}"):
+                    async with model.stream(copy=False) as stream:
+                        async for name, arr in stream:
+                            got[name] = arr.tobytes()
+                assert all(got[n] == tensors[n].tobytes() for n in got)  # nothing wrong before the error
+        assert model.statistics().slots_in_use == 0
+    assert faulty[bad.source].reads_started >= 1

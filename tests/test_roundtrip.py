@@ -36,8 +36,10 @@ from asyncload import (
     ManifestError,
     UnsupportedDtypeError,
 )
+from asyncload._assemble import lease_spans
 from asyncload._dtypes import DTYPE_BITS
 from asyncload._format import build_header
+from asyncload._plan import plan_load
 from asyncload._writer import TensorsInput
 
 pytestmark = pytest.mark.anyio
@@ -254,10 +256,27 @@ async def check_model(model: asyncload.Model, want: Mapping[str, np.ndarray]) ->
 
     seen = []
     snap: dict[str, np.ndarray] = {}
+    ring = model._ring
+    assert ring is not None
+    plan = plan_load(model.manifest.blocks, list(model.manifest.tensors))
+    striped = bool(model.manifest.stripes)
+    spans = dict(
+        zip(
+            (t.name for t in plan.tensors),
+            lease_spans(plan, ring, copy=False, across_blocks=not striped),
+            strict=True,
+        )
+    )
+    ring_all = ring._mirror if ring._mirror is not None else ring_memory
     async for name, arr in model.stream(copy=False):
         seen.append(name)
         if covered_by_one_block(model, name):
+            assert spans[name] == 1, name
+        if spans[name]:  # inside one block, or over consecutive full blocks of a mirrored ring
             assert not arr.flags.writeable, name  # a zero-copy lease is read-only
+            assert np.shares_memory(arr, ring_all), name
+        else:
+            assert not np.shares_memory(arr, ring_all), name
         snap[name] = arr.copy()  # a lease is valid only until the next item
     assert sorted(seen) == sorted(want)
     assert_same(snap, want)
