@@ -40,7 +40,7 @@ from ._format import BlockRef, TensorInfo
 from ._plan import BlockPlan, LoadPlan, Segment
 from ._ring import Ring, Slot
 from ._scheduler import INLINE_BYTES, BlockReader, unwrap_group
-from ._threads import run_sync
+from ._threads import lower_this_thread, run_sync
 
 __all__ = ["AssemblyStatistics", "TensorStream"]
 
@@ -82,6 +82,7 @@ class _Unmapper:
         self._queue.put(mem)
 
     def _run(self) -> None:
+        lower_this_thread()  # unmapping is kernel work: it must not outrank the event loop either
         while True:
             mem = self._queue.get()
             del mem  # the last reference: unmapped here

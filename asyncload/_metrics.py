@@ -58,12 +58,34 @@ def peak_rss() -> int:
 
 @dataclass(frozen=True, slots=True)
 class LagSummary:
-    """How late a periodic heartbeat woke up, in milliseconds."""
+    """How late a periodic heartbeat woke up, in milliseconds.
+
+    ``max_unstolen_ms`` is the largest lag among heartbeats during which the machine
+    lost no CPU time to its hypervisor (``steal`` in ``/proc/stat``), and ``steal_ms``
+    the CPU time stolen over the whole run (all CPUs; 0 where not reported). A virtual
+    machine whose vCPUs the host deschedules stops every thread at once, the event
+    loop's too, for as long as that lasts: no program can shorten such a stall.
+    """
 
     samples: int
     p50_ms: float
     p99_ms: float
     max_ms: float
+    max_unstolen_ms: float = 0.0
+    steal_ms: float = 0.0
+
+
+_TICK_S = 1.0 / (os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100)
+
+
+def _steal_ticks() -> int | None:
+    """CPU time stolen by the hypervisor since boot, in clock ticks, or None where unknown."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            fields = f.readline().split()
+        return int(fields[8])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 class LagMonitor:
@@ -77,16 +99,23 @@ class LagMonitor:
     def __init__(self, interval: float = 0.001) -> None:
         self.interval = interval
         self._lags: list[float] = []
+        self._stolen: list[bool] = []  # per heartbeat: did the machine lose CPU time meanwhile
+        self._steal0: int | None = None
+        self._steal1: int | None = None
         self._scope: anyio.CancelScope | None = None
         self._tg: anyio.abc.TaskGroup | None = None
 
     async def _run(self) -> None:
         with anyio.CancelScope() as scope:
             self._scope = scope
+            steal = self._steal0 = _steal_ticks()
             while True:
                 t0 = time.perf_counter()
                 await anyio.sleep(self.interval)
                 self._lags.append(max(0.0, time.perf_counter() - t0 - self.interval))
+                now = _steal_ticks()
+                self._stolen.append(now is not None and steal is not None and now > steal)
+                steal = self._steal1 = now
 
     async def __aenter__(self) -> LagMonitor:
         self._tg = anyio.create_task_group()
@@ -103,4 +132,15 @@ class LagMonitor:
         if not self._lags:
             return LagSummary(0, 0.0, 0.0, 0.0)
         a = np.asarray(self._lags) * 1000.0
-        return LagSummary(len(a), float(np.percentile(a, 50)), float(np.percentile(a, 99)), float(a.max()))
+        clean = a[~np.asarray(self._stolen, dtype=bool)]
+        steal = 0.0
+        if self._steal0 is not None and self._steal1 is not None:
+            steal = (self._steal1 - self._steal0) * _TICK_S * 1000.0
+        return LagSummary(
+            len(a),
+            float(np.percentile(a, 50)),
+            float(np.percentile(a, 99)),
+            float(a.max()),
+            float(clean.max()) if clean.size else 0.0,
+            steal,
+        )

@@ -20,7 +20,7 @@ from typing import TypeVar
 import anyio
 import anyio.to_thread
 
-__all__ = ["WORKER_NICE", "run_sync"]
+__all__ = ["WORKER_NICE", "lower_this_thread", "run_sync"]
 
 T = TypeVar("T")
 
@@ -36,7 +36,8 @@ WORKER_NICE = _nice_from_env()
 _state = threading.local()
 
 
-def _lower_this_thread() -> None:
+def lower_this_thread() -> None:
+    """Lower the calling thread's priority by WORKER_NICE (once; see the module docstring)."""
     _state.lowered = True
     if not WORKER_NICE or not hasattr(os, "setpriority"):
         return
@@ -50,7 +51,7 @@ def _lower_this_thread() -> None:
 
 def _call(fn: Callable[..., T], *args: object) -> T:
     if not getattr(_state, "lowered", False):
-        _lower_this_thread()
+        lower_this_thread()
     return fn(*args)
 
 

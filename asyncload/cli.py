@@ -203,7 +203,13 @@ async def cmd_load(a: argparse.Namespace) -> int:
         "gbps": n / dt / 1e9 if dt > 0 else 0.0,
         "budget": a.budget,
         "peak_rss_growth": growth,
-        "lag_ms": {"p50": lagsum.p50_ms, "p99": lagsum.p99_ms, "max": lagsum.max_ms},
+        "lag_ms": {
+            "p50": lagsum.p50_ms,
+            "p99": lagsum.p99_ms,
+            "max": lagsum.max_ms,
+            "max_unstolen": lagsum.max_unstolen_ms,  # beats during which the host stole no CPU
+            "steal": lagsum.steal_ms,  # CPU time the hypervisor took during the load (all CPUs)
+        },
         "blocks_read": stats.blocks_read,
         "slot_waits": stats.slot_waits,
         "degraded_reads": stats.degraded_reads,
@@ -226,6 +232,11 @@ async def cmd_load(a: argparse.Namespace) -> int:
         print(
             f"peak RSS growth {format_size(growth)}; event-loop lag p50 {lagsum.p50_ms:.2f} ms, "
             f"p99 {lagsum.p99_ms:.2f} ms, max {lagsum.max_ms:.2f} ms"
+            + (
+                f" ({lagsum.max_unstolen_ms:.2f} ms outside {lagsum.steal_ms:.0f} ms of CPU steal)"
+                if lagsum.steal_ms
+                else ""
+            )
         )
         per = ", ".join(f"{k}: {format_size(v)}" for k, v in stats.bytes_read_per_source.items())
         degraded = f", degraded reads {stats.degraded_reads}" if stats.degraded_reads else ""

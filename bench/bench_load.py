@@ -369,6 +369,8 @@ def summarize(samples: list[Sample]) -> Sample:
         "peak_rss_growth": med("peak_rss_growth"),
         "lag_p99_ms": med("lag_ms", "p99"),
         "lag_max_ms": med("lag_ms", "max"),
+        "lag_max_unstolen_ms": med("lag_ms", "max_unstolen"),
+        "steal_ms": med("lag_ms", "steal"),
     }
 
 
@@ -378,7 +380,7 @@ def print_table(title: str, medians: dict[str, Sample]) -> None:
 
     ref_st = medians.get("safetensors.numpy", {}).get("gbps")
     ref_raw = medians.get("pread-reused", {}).get("gbps")
-    head = ("GB/s", "x st.np", "x pread", "RSS+MiB", "lag p99", "lag max", "n")
+    head = ("GB/s", "x st.np", "x pread", "RSS+MiB", "lag p99", "lag max", "max*", "steal", "n")
     print(f"\n{title}\n{'method':<20}" + "".join(f"{h:>9}" for h in head))
     for method, m in medians.items():
         if m["status"] == "unavailable":
@@ -395,6 +397,8 @@ def print_table(title: str, medians: dict[str, Sample]) -> None:
             cell(m["peak_rss_growth"], MiB, ".0f"),
             cell(m["lag_p99_ms"], spec=".1f"),
             cell(m["lag_max_ms"], spec=".1f"),
+            cell(m.get("lag_max_unstolen_ms"), spec=".1f"),
+            cell(m.get("steal_ms"), spec=".0f"),
             str(m["n"]),
         )
         print(f"{method:<20}" + "".join(f"{c:>9}" for c in row))

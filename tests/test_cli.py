@@ -283,8 +283,9 @@ def test_load_json(stores: Stores, kind: str, mode: str) -> None:
     assert r["tensors"] == sum(len(g) for g in expect)
     assert r["mode"] == mode
     assert r["seconds"] > 0 and r["gbps"] >= 0 and r["peak_rss_growth"] >= 0
-    assert set(r["lag_ms"]) == {"p50", "p99", "max"}
+    assert set(r["lag_ms"]) == {"p50", "p99", "max", "max_unstolen", "steal"}
     assert 0 <= r["lag_ms"]["p50"] <= r["lag_ms"]["p99"] <= r["lag_ms"]["max"]
+    assert 0 <= r["lag_ms"]["max_unstolen"] <= r["lag_ms"]["max"] and r["lag_ms"]["steal"] >= 0
 
 
 def test_load_text_on_asyncio_backend(stores: Stores) -> None:
