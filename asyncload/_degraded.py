@@ -28,7 +28,6 @@ parity in the P parity slots.
 
 from __future__ import annotations
 
-import statistics as _stats
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
@@ -74,9 +73,8 @@ def _update_slow(reader: BlockReader) -> None:
     for k, h in reader._health.items():
         if h.sec_per_byte is None:
             continue
-        others = [v for o, v in speeds.items() if o != k]
         was = h.slow
-        h.slow = h.sec_per_byte > reader.limits.hedge * _stats.median(others)
+        h.slow = reader.paced_slower(k)
         if h.slow and not was:  # give up its reads in progress wherever their stripe can spare them
             for give_up in list(reader._running.get(k, {}).values()):
                 give_up()

@@ -61,11 +61,11 @@ def _mapping_type(total: int) -> type[ctypes.Array[ctypes.c_uint8]]:
     return Mapping
 
 
-def mirrored_memory(nbytes: int, *, touch: bool = True) -> np.ndarray | None:
+def mirrored_memory(nbytes: int) -> np.ndarray | None:
     """A uint8 array of ``2 * nbytes`` whose halves are the same pages, or None where unsupported.
 
-    ``nbytes`` must be a multiple of the page size. With ``touch`` the first half
-    is faulted in during the call (``MAP_POPULATE``).
+    ``nbytes`` must be a multiple of the page size. Nothing is faulted in here: the first
+    reads do it (``MAP_POPULATE`` of shared memory took ~100 ms per 256 MiB, see Ring).
     """
     libc = _LIBC
     if libc is None or nbytes <= 0 or nbytes % mmap.PAGESIZE:
@@ -81,8 +81,7 @@ def mirrored_memory(nbytes: int, *, touch: bool = True) -> np.ndarray | None:
         if base is None or base == _FAILED:
             return None
         rw = mmap.PROT_READ | mmap.PROT_WRITE
-        populate = getattr(mmap, "MAP_POPULATE", 0) if touch else 0
-        first = libc.mmap(base, nbytes, rw, mmap.MAP_SHARED | _MAP_FIXED | populate, fd, 0)
+        first = libc.mmap(base, nbytes, rw, mmap.MAP_SHARED | _MAP_FIXED, fd, 0)
         second = libc.mmap(base + nbytes, nbytes, rw, mmap.MAP_SHARED | _MAP_FIXED, fd, 0)
         if first != base or second != base + nbytes:
             libc.munmap(base, 2 * nbytes)

@@ -106,7 +106,7 @@ class Ring:
         # memory (shared pages of a memfd, never huge pages) is left to fault in on the
         # first reads, in the reading threads: a 4 GiB lease load ran at 4.1-4.5 GB/s with
         # MAP_POPULATE (about 100 ms for 256 MiB, in the timed path) and 4.9-5.0 without.
-        mirror = mirrored_memory(nbytes, touch=False) if mirrored else None
+        mirror = mirrored_memory(nbytes) if mirrored else None
         self._mirror = mirror
         self._memory = mirror[:nbytes] if mirror is not None else ring_memory(nbytes, touch=touch)
         self._slots = [Slot(i, self._memory[i * slot_size : (i + 1) * slot_size]) for i in range(count)]

@@ -305,15 +305,17 @@ class BlockReader:
         raise AssertionError("unreachable")
 
     def _lags(self, source_id: str) -> bool:
-        """Whether a source is, or now looks, far slower than its peers (``hedge`` x their median pace)."""
-        health = self._health[source_id]
-        if health.slow:
-            return True
+        """Whether a source is marked slow, or its pace now looks far slower than its peers'."""
+        return self._health[source_id].slow or self.paced_slower(source_id)
+
+    def paced_slower(self, source_id: str) -> bool:
+        """Whether a source's pace is over ``hedge`` x the median of its peers' (two known at least)."""
+        own = self._health[source_id].sec_per_byte
         peers = [h.sec_per_byte for k, h in self._health.items() if k != source_id]
         known = [p for p in peers if p is not None]
-        if not self.limits.hedge or health.sec_per_byte is None or len(known) < 2:
+        if not self.limits.hedge or own is None or len(known) < 2:
             return False
-        return health.sec_per_byte > self.limits.hedge * _stats.median(known)
+        return own > self.limits.hedge * _stats.median(known)
 
     async def _verify(self, what: str, data: memoryview, crc: int | None, sha: str | None) -> None:
         if crc is not None:

@@ -190,12 +190,10 @@ class LocalSource(Source):
         With ``nowait`` (``RWF_NOWAIT``), stop where the page cache has nothing more.
         """
         want = len(buf)
+        flags = _RWF_NOWAIT if nowait else 0  # 0: a plain preadv
         try:
             while done < want:
-                if nowait:
-                    n = os.preadv(fd, [buf[done:]], offset + done, _RWF_NOWAIT)
-                else:
-                    n = os.preadv(fd, [buf[done:]], offset + done)
+                n = os.preadv(fd, [buf[done:]], offset + done, flags)
                 if n == 0:
                     break
                 done += n
