@@ -34,7 +34,8 @@ def _aligned(n: int) -> np.ndarray:
     return mem
 
 
-def _write(tmp: pathlib.Path, data: memoryview, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bool]]:
+def _record_writes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bool]]:
+    """From now on, every ``os.write``: (bytes given, whether its fd had O_DIRECT set)."""
     calls: list[tuple[int, bool]] = []
     real = os.write
 
@@ -43,6 +44,11 @@ def _write(tmp: pathlib.Path, data: memoryview, monkeypatch: pytest.MonkeyPatch)
         return real(fd, buf)
 
     monkeypatch.setattr(os, "write", recording_write)
+    return calls
+
+
+def _write(tmp: pathlib.Path, data: memoryview, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bool]]:
+    calls = _record_writes(monkeypatch)
     dfd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
     try:
         write_file_atomic_at(dfd, "block", data, direct=True)
@@ -108,17 +114,11 @@ async def test_save_writes_its_blocks_around_the_page_cache(
 ) -> None:
     import asyncload
 
-    flags: list[bool] = []
-    real = os.write
-
-    def recording_write(fd: int, buf: memoryview | bytes) -> int:
-        flags.append(bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT))
-        return real(fd, buf)
-
-    monkeypatch.setattr(os, "write", recording_write)
+    calls = _record_writes(monkeypatch)
     tensors = {"a": np.arange(40_000, dtype=np.float32), "b": np.arange(1001, dtype=np.uint8)}
     path = await asyncload.save(tensors, tmp_path / "m.json", sources=[tmp_path / "d0"], block_size="64KiB")
     monkeypatch.undo()
+    flags = [direct for _, direct in calls]
     assert any(flags)  # the blocks' aligned heads
     assert not flags[-1]  # the manifest, last, through the page cache
     got = await asyncload.load(path)
