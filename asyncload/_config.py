@@ -104,6 +104,9 @@ class Limits:
     timeout: float | None = DEFAULT_TIMEOUT
     retries: int = DEFAULT_RETRIES
     hedge: float = DEFAULT_HEDGE
+    # Blocks of local files that the page cache holds whole are mapped into their slot
+    # (read-only, no copy) instead of read into it; False reads every block (see Ring.map_file).
+    map_files: bool = True
 
     @property
     def slot_size(self) -> int:

@@ -66,6 +66,7 @@ class LoaderStatistics:
     read_timeouts: int = 0
     slow_sources: tuple[str, ...] = ()  # sources read around right now: far slower than their peers
     down_sources: tuple[str, ...] = ()  # sources whose last read failed
+    mapped_blocks: int = 0  # blocks whose cached file pages were mapped into their slot (no copy)
 
 
 def _in_place_block_size(budget: int) -> int:
@@ -247,6 +248,7 @@ class Model:
             read_timeouts=rd.timeouts,
             slow_sources=rd.slow_sources,
             down_sources=rd.down_sources,
+            mapped_blocks=rd.mapped_blocks,
         )
 
     def __repr__(self) -> str:
@@ -280,6 +282,7 @@ class _Opener:
             timeout=kw["timeout"],
             retries=kw["retries"],
             hedge=kw["hedge"],
+            map_files=kw["map_files"],
         )
         cipher = None
         if kw["key"] is not None or kw["verify_key"] is not None or opened.manifest.encryption is not None:
@@ -317,6 +320,7 @@ def open(
     timeout: float | None = DEFAULT_TIMEOUT,
     retries: int = DEFAULT_RETRIES,
     hedge: float = DEFAULT_HEDGE,
+    map_files: bool = True,
 ) -> _Opener:
     """Open a manifest, a ``.safetensors`` file or a Hugging Face directory for loading.
 
@@ -339,6 +343,10 @@ def open(
     in a store with parity, a source whose reads take more than ``hedge`` times
     as long as its peers' is read around (its blocks rebuilt from the others;
     0 turns this off). See docs/reliability.md.
+
+    ``map_files``: a block of a local file that the page cache holds whole is
+    mapped into its slot (read-only, no copy) instead of copied there; False
+    copies every block. See docs/design.md ("Mapped slots").
     """
     return _Opener(
         target,
@@ -353,6 +361,7 @@ def open(
         timeout=timeout,
         retries=retries,
         hedge=hedge,
+        map_files=map_files,
     )
 
 

@@ -9,10 +9,16 @@ Linux only (``memfd_create`` and ``mmap`` with ``MAP_FIXED`` through ctypes);
 :func:`mirrored_memory` returns None elsewhere, or when the kernel refuses, and
 the ring falls back to plain memory (leases within one block only).
 
-Memory: the pages exist once (a memfd), and the first mapping is faulted in up
-front. Pages of the second mapping get page-table entries only when a wrapped
-span is read through them, and count in RSS again then; :func:`forget_mirror`
-drops those entries once a wrapped lease is released.
+Memory: the pages exist once (a memfd), faulted in by the first reads. Pages
+of the second mapping get page-table entries only when a wrapped span is read
+through them, and count in RSS again then; :meth:`Mirror.forget` drops those
+entries once a wrapped lease is released.
+
+:meth:`Mirror.map_file` puts a range of a file, where the page cache holds all
+of it, over a range of the ring in both halves (``MAP_FIXED``, read-only):
+the ring then shows the file's cached pages themselves, with no copy, and
+:meth:`Mirror.restore` puts the ring's own pages back before anything is
+written there. See ``Ring.map_file`` for when the loader does this.
 """
 
 from __future__ import annotations
@@ -25,10 +31,11 @@ import sys
 
 import numpy as np
 
-__all__ = ["forget_mirror", "mirrored_memory"]
+__all__ = ["Mirror", "forget_mirror", "mirrored_memory"]
 
 _MAP_FIXED = 0x10
 _MADV_DONTNEED = 4
+_MADV_POPULATE_READ = 22  # Linux 5.14+; older kernels refuse it (EINVAL) and reads fault pages in
 _FAILED = ctypes.c_void_p(-1).value
 
 
@@ -44,29 +51,102 @@ def _libc() -> ctypes.CDLL | None:
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, c_int, c_int, c_int, ctypes.c_long]
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     return libc
 
 
 _LIBC = _libc()
 
 
-def _mapping_type(total: int) -> type[ctypes.Array[ctypes.c_uint8]]:
-    """A ctypes array type over ``total`` bytes that unmaps them when the last view is gone."""
+def _mapping_type(total: int, fd: int) -> type[ctypes.Array[ctypes.c_uint8]]:
+    """A ctypes array type over ``total`` bytes that unmaps them (and closes ``fd``) when the
+    last view is gone."""
 
     class Mapping(ctypes.c_uint8 * total):  # type: ignore[misc]
         def __del__(self) -> None:
             if _LIBC is not None:
                 _LIBC.munmap(ctypes.addressof(self), total)
+            os.close(fd)
 
     return Mapping
+
+
+class Mirror:
+    """``nbytes`` of a memfd mapped twice, back to back: :attr:`array` is all ``2 * nbytes``."""
+
+    def __init__(self, array: np.ndarray, fd: int, nbytes: int) -> None:
+        self.array = array
+        self.nbytes = nbytes
+        self._fd = fd  # the memfd: kept open (closed with the mapping) so ranges can be restored
+        self._base: int = array.ctypes.data
+
+    @classmethod
+    def create(cls, nbytes: int) -> Mirror | None:
+        """A mirror of ``nbytes`` (a multiple of the page size), or None where unsupported.
+
+        Nothing is faulted in here: the first reads do it (``MAP_POPULATE`` of shared
+        memory took ~100 ms per 256 MiB, see Ring).
+        """
+        made = _mirrored(nbytes)
+        return None if made is None else cls(made[0], made[1], nbytes)
+
+    def map_file(self, start: int, nbytes: int, fd: int, offset: int) -> bool:
+        """Show ``nbytes`` of file ``fd`` from ``offset`` at ``[start, start + nbytes)`` of both halves.
+
+        Only when the page cache holds every page of the range (``mincore``): then
+        the pages are mapped in up front (``MADV_POPULATE_READ``) and True is
+        returned. Otherwise the ring's own pages stay (or are put back) and the
+        answer is False. ``start`` and ``offset`` must be page aligned; the file
+        must be at least ``offset + nbytes`` long (a page past its end is SIGBUS).
+        The mapping is read-only: call :meth:`restore` before writing there.
+        """
+        libc = _LIBC
+        page = mmap.PAGESIZE
+        if libc is None or start % page or offset % page or nbytes <= 0 or start + nbytes > self.nbytes:
+            return False
+        length = -(-nbytes // page) * page
+        ro, flags = mmap.PROT_READ, mmap.MAP_SHARED | _MAP_FIXED
+        first, second = self._base + start, self._base + self.nbytes + start
+        if libc.mmap(first, length, ro, flags, fd, offset) != first:
+            self.restore(start, nbytes)
+            return False
+        resident = (ctypes.c_ubyte * (length // page))()
+        if libc.mincore(first, length, resident) != 0 or not all(b & 1 for b in bytes(resident)):
+            self.restore(start, nbytes)
+            return False
+        if libc.mmap(second, length, ro, flags, fd, offset) != second:
+            self.restore(start, nbytes)
+            return False
+        libc.madvise(first, length, _MADV_POPULATE_READ)  # a refusal only leaves reads to fault
+        return True
+
+    def restore(self, start: int, nbytes: int) -> None:
+        """Put the ring's own (writable) pages back at ``[start, start + nbytes)`` of both halves."""
+        libc = _LIBC
+        assert libc is not None
+        page = mmap.PAGESIZE
+        start = start // page * page
+        length = -(-(nbytes + start % page) // page) * page
+        rw, flags = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | _MAP_FIXED
+        for addr in (self._base + start, self._base + self.nbytes + start):
+            if libc.mmap(addr, length, rw, flags, self._fd, start) != addr:
+                err = ctypes.get_errno()
+                raise OSError(err, f"cannot restore ring memory: {os.strerror(err)}")
+
+    def forget(self, start: int, stop: int) -> None:
+        forget_mirror(self.array, start, stop)
 
 
 def mirrored_memory(nbytes: int) -> np.ndarray | None:
     """A uint8 array of ``2 * nbytes`` whose halves are the same pages, or None where unsupported.
 
-    ``nbytes`` must be a multiple of the page size. Nothing is faulted in here: the first
-    reads do it (``MAP_POPULATE`` of shared memory took ~100 ms per 256 MiB, see Ring).
+    ``nbytes`` must be a multiple of the page size (see :meth:`Mirror.create`).
     """
+    made = _mirrored(nbytes)
+    return None if made is None else made[0]
+
+
+def _mirrored(nbytes: int) -> tuple[np.ndarray, int] | None:
     libc = _LIBC
     if libc is None or nbytes <= 0 or nbytes % mmap.PAGESIZE:
         return None
@@ -79,17 +159,20 @@ def mirrored_memory(nbytes: int) -> np.ndarray | None:
         # Reserve 2n of address space, then put the memfd at both halves of it.
         base = libc.mmap(None, 2 * nbytes, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
         if base is None or base == _FAILED:
+            os.close(fd)
             return None
         rw = mmap.PROT_READ | mmap.PROT_WRITE
         first = libc.mmap(base, nbytes, rw, mmap.MAP_SHARED | _MAP_FIXED, fd, 0)
         second = libc.mmap(base + nbytes, nbytes, rw, mmap.MAP_SHARED | _MAP_FIXED, fd, 0)
         if first != base or second != base + nbytes:
             libc.munmap(base, 2 * nbytes)
+            os.close(fd)
             return None
-    finally:
-        os.close(fd)  # the mappings keep the memory
-    mapping = _mapping_type(2 * nbytes).from_address(base)
-    return np.frombuffer(memoryview(mapping).cast("B"), dtype=np.uint8)
+    except BaseException:
+        os.close(fd)
+        raise
+    mapping = _mapping_type(2 * nbytes, fd).from_address(base)  # closes fd when unmapped
+    return np.frombuffer(memoryview(mapping).cast("B"), dtype=np.uint8), fd
 
 
 def forget_mirror(memory: np.ndarray, start: int, stop: int) -> None:

@@ -17,7 +17,7 @@ import anyio.lowlevel
 import numpy as np
 
 from ._exceptions import ClosedError
-from ._mirror import forget_mirror, mirrored_memory
+from ._mirror import Mirror
 
 __all__ = ["Ring", "RingStatistics", "Slot"]
 
@@ -62,12 +62,13 @@ class RingStatistics:
 class Slot:
     """One slot: a fixed view of the ring's memory. ``used`` is how many bytes hold data."""
 
-    __slots__ = ("_free", "_refs", "index", "memory", "used")
+    __slots__ = ("_free", "_refs", "index", "mapped", "memory", "used")
 
     def __init__(self, index: int, memory: np.ndarray) -> None:
         self.index = index
         self.memory = memory  # uint8 view, length = slot size
         self.used = 0
+        self.mapped = False  # shows a file's cached pages (read-only), see Ring.map_file
         self._refs = 0
         self._free = True
 
@@ -106,8 +107,8 @@ class Ring:
         # memory (shared pages of a memfd, never huge pages) is left to fault in on the
         # first reads, in the reading threads: a 4 GiB lease load ran at 4.1-4.5 GB/s with
         # MAP_POPULATE (about 100 ms for 256 MiB, in the timed path) and 4.9-5.0 without.
-        mirror = mirrored_memory(nbytes) if mirrored else None
-        self._mirror = mirror
+        self._mirrors = Mirror.create(nbytes) if mirrored else None
+        mirror = self._mirror = self._mirrors.array if self._mirrors is not None else None
         self._memory = mirror[:nbytes] if mirror is not None else ring_memory(nbytes, touch=touch)
         self._slots = [Slot(i, self._memory[i * slot_size : (i + 1) * slot_size]) for i in range(count)]
         self._free: deque[Slot] = deque(self._slots)
@@ -149,8 +150,45 @@ class Ring:
     def forget_span(self, first: Slot, count: int) -> None:
         """After a wrapped :meth:`span` is dropped: let RSS stop counting its mirrored pages."""
         stop = (first.index + count) * self.slot_size
-        if self._mirror is not None and stop > len(self._memory):
-            forget_mirror(self._mirror, len(self._memory), stop)
+        if self._mirrors is not None and stop > len(self._memory):
+            self._mirrors.forget(len(self._memory), stop)
+
+    # -- file pages in place of slot memory -----------------------------------------
+    @property
+    def mappable(self) -> bool:
+        """Whether :meth:`map_file` can work here (mirrored memory, slots whole pages)."""
+        return self._mirrors is not None and self.slot_size % mmap.PAGESIZE == 0
+
+    def map_file(self, slot: Slot, fd: int, offset: int, nbytes: int) -> bool:
+        """Let ``slot`` show ``nbytes`` of file ``fd`` from ``offset``, if the page cache holds them all.
+
+        Zero copy: the slot's addresses (and their mirror) then map the file's
+        cached pages, read-only, instead of receiving a copy of them; a load
+        from warm local files reads each byte once, for its checksum, instead of
+        copying it first (a 4 GiB store leased: see docs/performance.md). Returns
+        False, with the slot's own memory in place, when any page is not cached
+        (a read that must wait for the disk goes the usual way, in an I/O thread)
+        or when the ring or the range does not allow it. The caller holds the
+        slot, checked that the file is at least ``offset + nbytes`` long (so no
+        mapped page lies past its end) and calls :meth:`writable` before the slot
+        is written again. Runs in a worker thread (a few syscalls).
+        """
+        if not self.mappable or nbytes > self.slot_size:
+            return False
+        assert self._mirrors is not None
+        start = slot.index * self.slot_size
+        if self._mirrors.map_file(start, nbytes, fd, offset):
+            slot.mapped = True  # (what lies past nbytes may still show an earlier file)
+        elif slot.mapped:  # refused: an earlier file may still show past nbytes
+            self.writable(slot)
+        return slot.mapped
+
+    def writable(self, slot: Slot) -> None:
+        """Give ``slot`` its own memory back if it shows a file's pages (before writing into it)."""
+        if slot.mapped:
+            assert self._mirrors is not None
+            self._mirrors.restore(slot.index * self.slot_size, self.slot_size)
+            slot.mapped = False
 
     # -- synchronous state machine -------------------------------------------------
     def try_acquire(self) -> Slot | None:

@@ -13,6 +13,7 @@ reader's bookkeeping).
 from __future__ import annotations
 
 import hashlib
+import mmap
 import random
 import statistics as _stats
 import time
@@ -80,6 +81,7 @@ class ReaderStatistics:
     timeouts: int = 0  # read attempts that ran past the timeout
     slow_sources: tuple[str, ...] = ()  # sources read around right now (far slower than peers)
     down_sources: tuple[str, ...] = ()  # sources whose last read failed
+    mapped_blocks: int = 0  # block reads served by mapping cached file pages into the slot (no copy)
 
 
 class ReadAround(SourceUnavailableError):
@@ -169,6 +171,7 @@ class BlockReader:
         self._hedged = 0
         self._retries = 0
         self._timeouts = 0
+        self._mapped = 0
 
     @classmethod
     def for_sources(
@@ -228,6 +231,7 @@ class BlockReader:
             self._timeouts,
             tuple(sorted(k for k, h in self._health.items() if h.slow)),
             tuple(sorted(k for k, h in self._health.items() if h.failures)),
+            self._mapped,
         )
 
     # -- one stored object ------------------------------------------------------------
@@ -242,8 +246,12 @@ class BlockReader:
         retry: bool,
         on_start: Callable[[], None] | None = None,
         skip_if_slow: bool = False,
+        slot: Slot | None = None,
     ) -> int:
         """Read ``buf`` from ``key`` on ``source_id`` under its limiter, with timeout and retries.
+
+        ``buf`` is the start of ``slot``'s memory when given: the bytes may then be
+        mapped there instead of copied (see :meth:`_land`).
 
         Retries (only when ``retry``: nothing else can serve these bytes) repeat
         transient failures, never a missing key. Every attempt's duration feeds
@@ -276,7 +284,7 @@ class BlockReader:
                     sharing: float = health.active
                     try:
                         with anyio.fail_after(timeout):
-                            n = await source.read_into(key, offset, buf)
+                            n = await self._land(source, key, offset, buf, slot)
                     except TimeoutError:
                         self._timeouts += 1
                         raise SourceUnavailableError(
@@ -303,6 +311,31 @@ class BlockReader:
                 self._bytes_in_flight -= len(buf)
                 self._reads_in_flight -= 1
         raise AssertionError("unreachable")
+
+    async def _land(self, source: Source, key: str, offset: int, buf: memoryview, slot: Slot | None) -> int:
+        """Bring ``len(buf)`` bytes of ``key`` into ``buf``: mapped into ``slot`` when allowed, else read.
+
+        Mapped (zero copy) only for plain stored bytes (no cipher, no tag) from a
+        source that supports it, at a page-aligned offset into a ring that can
+        (:meth:`Ring.map_file`), while the page cache holds every page. A slot
+        still showing an earlier file's pages gets its own memory back first.
+        """
+        ring = self.ring
+        if (
+            slot is not None
+            and self.limits.map_files
+            and source.supports_mapping
+            and self.cipher is None
+            and self.overhead == 0
+            and ring.mappable
+            and offset % mmap.PAGESIZE == 0
+            and await source.map_into(key, offset, len(buf), partial(ring.map_file, slot))
+        ):
+            self._mapped += 1
+            return len(buf)
+        if slot is not None:
+            ring.writable(slot)
+        return await source.read_into(key, offset, buf)
 
     def _lags(self, source_id: str) -> bool:
         """Whether a source is marked slow, or its pace now looks far slower than its peers'."""
@@ -355,6 +388,7 @@ class BlockReader:
             retry=retry,
             on_start=on_start,
             skip_if_slow=skip_if_slow,
+            slot=slot,
         )
         if n != stored:
             raise TruncatedBlockError(f"{where} is truncated: read {n} of {stored} bytes")

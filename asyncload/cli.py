@@ -176,6 +176,7 @@ async def cmd_load(a: argparse.Namespace) -> int:
         timeout=a.timeout if a.timeout > 0 else None,
         retries=a.retries,
         hedge=a.hedge,
+        map_files=not a.no_map,
     ) as model:
         bar = _Progress(model.nbytes, "load", not a.quiet and not a.json)
         async with LagMonitor() as lag:
@@ -211,6 +212,7 @@ async def cmd_load(a: argparse.Namespace) -> int:
             "steal": lagsum.steal_ms,  # CPU time the hypervisor took during the load (all CPUs)
         },
         "blocks_read": stats.blocks_read,
+        "mapped_blocks": stats.mapped_blocks,
         "slot_waits": stats.slot_waits,
         "degraded_reads": stats.degraded_reads,
         "rebuilt_blocks": stats.rebuilt_blocks,
@@ -536,6 +538,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="X",
         help=f"with parity, read around a source X times slower than its peers (default {DEFAULT_HEDGE:g}; "
         "0: off)",
+    )
+    sp.add_argument(
+        "--no-map",
+        action="store_true",
+        help="copy every block into the ring; by default a block of a local file that the page cache "
+        "holds whole is mapped there instead (read-only, no copy)",
     )
     source(sp)
     keys(sp)

@@ -209,8 +209,20 @@ def test_lease_spans_cover_only_blocks_that_sit_end_to_end(
 # --------------------------------------------------------------------------- end to end
 
 
-async def _lease_all(path: pathlib.Path, budget: int) -> tuple[dict[str, bytes], list[str], list[str], int]:
-    """Stream with copy=False: bytes of each tensor, those viewed in the mirror / anywhere in the ring."""
+def _read_every_file(root: pathlib.Path) -> None:
+    """Bring every block file under ``root`` into the page cache (so loads map them)."""
+    for f in root.rglob("*"):
+        if f.is_file() and f.suffix != ".json":
+            f.read_bytes()
+
+
+async def _lease_all(
+    path: pathlib.Path, budget: int, mapped: list[int] | None = None
+) -> tuple[dict[str, bytes], list[str], list[str], int]:
+    """Stream with copy=False: bytes of each tensor, those viewed in the mirror / anywhere in the ring.
+
+    ``mapped`` gets the number of blocks mapped into their slots rather than read, and of all
+    blocks read."""
     got: dict[str, bytes] = {}
     in_ring: list[str] = []
     wrapped: list[str] = []
@@ -230,12 +242,19 @@ async def _lease_all(path: pathlib.Path, budget: int) -> tuple[dict[str, bytes],
                     else:
                         assert arr.flags.writeable, name
         in_use = model.statistics().slots_in_use
+        if mapped is not None:
+            mapped += [model.statistics().mapped_blocks, model.statistics().blocks_read]
     return got, in_ring, wrapped, in_use
 
 
 @linux_only
 @pytest.mark.anyio
-async def test_tensors_over_several_blocks_are_leased_as_views_byte_for_byte(tmp_path: pathlib.Path) -> None:
+@pytest.mark.parametrize("warm", [False, True], ids=["read", "mapped"])
+async def test_tensors_over_several_blocks_are_leased_as_views_byte_for_byte(
+    tmp_path: pathlib.Path, warm: bool
+) -> None:
+    """Blocks read into the slots (just saved: the page cache holds little of them), or, with
+    every block file read first, mapped there (the views then show the files' cached pages)."""
     m = 4 * KiB
     rng = np.random.default_rng(7)
     # 1 to 11 blocks each, unaligned; the ring has 8 slots, so spans of up to 7 blocks are leased.
@@ -244,7 +263,10 @@ async def test_tensors_over_several_blocks_are_leased_as_views_byte_for_byte(tmp
     path = await asyncload.save(
         tensors, tmp_path / "m.json", sources=[tmp_path / "a", tmp_path / "b"], block_size=m
     )
-    got, in_ring, wrapped, in_use = await _lease_all(path, 8 * m)
+    if warm:
+        _read_every_file(tmp_path)
+    mapped: list[int] = []
+    got, in_ring, wrapped, in_use = await _lease_all(path, 8 * m, mapped)
     assert got == {n: t.tobytes() for n, t in tensors.items()}
     assert in_use == 0
     async with asyncload.open(path, budget=8 * m) as model:
@@ -263,6 +285,7 @@ async def test_tensors_over_several_blocks_are_leased_as_views_byte_for_byte(tmp
     assert over - too_long <= set(in_ring)  # every tensor over 2-7 blocks was a view
     assert not too_long & set(in_ring)  # longer ones were copied
     assert wrapped  # and some of those views ran across the ring's end
+    assert (mapped[0] == mapped[1]) if warm else (mapped[0] < mapped[1])
 
 
 @linux_only

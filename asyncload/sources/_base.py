@@ -26,6 +26,7 @@ class SourceStatistics:
     errors: int
     in_flight: int
     uncached_reads: int = 0  # reads that had to wait for a disk (LocalSource: not in the page cache)
+    mapped_reads: int = 0  # reads served by mapping cached file pages, no copy (LocalSource.map_into)
 
 
 class Source(ABC):
@@ -40,6 +41,7 @@ class Source(ABC):
 
     supports_writes: bool = False
     supports_ranges: bool = True
+    supports_mapping: bool = False  # map_into can place stored bytes without copying them
 
     def __init__(self, id: str, location: str) -> None:
         self.id = id
@@ -56,6 +58,19 @@ class Source(ABC):
         Returns the number of bytes read, which is less than ``len(buf)`` only
         at the end of the object.
         """
+
+    async def map_into(
+        self, key: str, offset: int, nbytes: int, place: Callable[[int, int, int], bool]
+    ) -> bool:
+        """Offer ``nbytes`` of ``key`` from ``offset`` to be mapped instead of read (zero copy).
+
+        A source that keeps blocks in local files calls ``place(fd, offset, nbytes)``
+        in a worker thread, with a read-only fd of the file, once it knows the file
+        is at least ``offset + nbytes`` long, and returns what ``place`` returned.
+        False (the default, and the answer of every source without
+        ``supports_mapping``): nothing was placed, read the bytes with :meth:`read_into`.
+        """
+        return False
 
     async def write(self, key: str, data: memoryview) -> None:
         """Store ``data`` under ``key`` durably; the key appears whole or not at all."""

@@ -61,6 +61,7 @@ class LocalSource(Source):
     """Blocks stored as files under a root directory: ``root/key``."""
 
     supports_writes = True
+    supports_mapping = True
 
     def __init__(
         self,
@@ -79,6 +80,7 @@ class LocalSource(Source):
         self._nowait = True  # try RWF_NOWAIT reads until the file system refuses them
         self._io_threads: anyio.CapacityLimiter | None = None
         self._uncached = 0  # reads that had to wait for the disk
+        self._mapped = 0  # reads served by mapping cached pages (map_into)
 
     # -- paths ---------------------------------------------------------------------
     def _parts(self, key: str) -> list[str]:
@@ -254,8 +256,39 @@ class LocalSource(Source):
         finally:
             os.close(fd)
 
+    def _map_sync(self, key: str, offset: int, nbytes: int, place: Callable[[int, int, int], bool]) -> bool:
+        fd = self._open_read(key)
+        try:
+            if os.fstat(fd).st_size < offset + nbytes:
+                return False  # truncated: a read says how much is there (and maps no page past the end)
+            return place(fd, offset, nbytes)
+        finally:
+            os.close(fd)
+
+    async def map_into(
+        self, key: str, offset: int, nbytes: int, place: Callable[[int, int, int], bool]
+    ) -> bool:
+        """Hand ``place`` the open file of ``key`` (see :meth:`Source.map_into`), in a worker thread.
+
+        The fd is opened as for a read (confined to the root, regular files only)
+        and closed on return; a mapping made from it stays valid without it.
+        """
+
+        async def run() -> int:
+            placed = await run_sync(self._map_sync, key, offset, nbytes, place, limiter=self.threads)
+            return nbytes if placed else 0
+
+        n = await self._counted(run)
+        if n:
+            self._reads += 1
+            self._bytes_read += n
+            self._mapped += 1
+        return bool(n)
+
     def statistics(self) -> SourceStatistics:
-        return dataclasses.replace(super().statistics(), uncached_reads=self._uncached)
+        return dataclasses.replace(
+            super().statistics(), uncached_reads=self._uncached, mapped_reads=self._mapped
+        )
 
     def _size_sync(self, key: str) -> int:
         fd = self._open_read(key)
