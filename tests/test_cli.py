@@ -34,7 +34,7 @@ SUBCOMMANDS = {
     "pack": ["--to", "--output", "--block-size", "--budget"],
     "unpack": ["--output", "--budget", "--source"],
     "load": ["--budget", "--block-size", "--mode", "--json", "--threads", "--reads-per-source", "--source",
-             "--timeout", "--retries", "--hedge"],
+             "--timeout", "--retries", "--hedge", "--no-map"],
     "verify": ["--budget", "--json", "--source"],
     "info": ["--all", "--json", "--source", "--key-file", "--verify-key"],
     "demo": ["--size", "--budget", "--block-size", "--sources", "--keep", "--parity"],
