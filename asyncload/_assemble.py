@@ -37,6 +37,7 @@ import numpy as np
 from ._dtypes import numpy_dtype
 from ._exceptions import ClosedError
 from ._format import BlockRef, TensorInfo
+from ._mirror import map_private
 from ._plan import BlockPlan, LoadPlan, Segment
 from ._ring import Ring, Slot
 from ._scheduler import INLINE_BYTES, BlockReader, unwrap_group
@@ -119,10 +120,21 @@ class OutputPool:
         self._closed = False
         self.reused = 0  # arrays assembled into recycled memory
 
-    def array(self, size: int) -> np.ndarray:
-        """A writable uint8 array of ``size`` bytes to assemble a tensor into."""
+    def array(self, size: int, lead: int | None = None) -> np.ndarray:
+        """A writable uint8 array of ``size`` bytes to assemble a tensor into.
+
+        With ``lead`` (0 to a page), the array starts ``lead`` bytes into a fresh
+        mapping of its own, never recycled: the pages of blocks mapped from
+        files can then be placed into it (see :func:`_place`), since its
+        addresses fall on the same page offsets as the tensor's bytes in its files.
+        """
         if size < OWN_MAPPING_BYTES or not hasattr(mmap, "MAP_PRIVATE"):
             return np.empty(size, dtype=np.uint8)
+        if lead is not None:
+            own = mmap.mmap(-1, lead + size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            arr = np.frombuffer(own, dtype=np.uint8, count=size, offset=lead)
+            weakref.finalize(arr.base, _UNMAPPER.drop, own)  # file pages in it: not for reuse
+            return arr
         mem = self._take(size)
         if mem is None:
             # Private, not mmap's default shared mapping: shmem pages get no huge pages and
@@ -204,9 +216,38 @@ def lease_spans(plan: LoadPlan, ring: Ring, *, copy: bool, across_blocks: bool =
     return spans
 
 
-def _copy_segments(jobs: list[tuple[np.ndarray, int, np.ndarray, int, int]]) -> None:
-    for out, t0, src, b0, n in jobs:
-        out[t0 : t0 + n] = src[b0 : b0 + n]
+# One piece of a tensor to assemble: out[t0 : t0 + n] = src[b0 : b0 + n], where src is a slot's
+# memory, which may show a file's pages: (fd, offset of src[0] in the file), else None.
+Job = tuple[np.ndarray, int, np.ndarray, int, int, "tuple[int, int] | None"]
+
+
+def _copy_segments(jobs: list[Job]) -> None:
+    for out, t0, src, b0, n, file in jobs:
+        if file is None or not _place(out, t0, src, b0, n, file):
+            out[t0 : t0 + n] = src[b0 : b0 + n]
+
+
+def _place(out: np.ndarray, t0: int, src: np.ndarray, b0: int, n: int, file: tuple[int, int]) -> bool:
+    """Map the whole pages of the piece from its file into ``out`` (private), copying only its ends.
+
+    Works where ``out[t0]`` and the piece's first byte in the file share their
+    offset within a page (what ``OutputPool.array(size, lead)`` arranges);
+    False otherwise, or when the kernel refuses, and the caller copies.
+    """
+    page = mmap.PAGESIZE
+    fd, offset = file
+    addr = out.ctypes.data + t0
+    pos = offset + b0  # the piece's first byte in the file
+    if (addr - pos) % page:
+        return False
+    first = -(-addr // page) * page
+    last = (addr + n) // page * page
+    if last - first < page or not map_private(first, last - first, fd, pos + (first - addr)):
+        return False
+    head, tail = first - addr, addr + n - last
+    out[t0 : t0 + head] = src[b0 : b0 + head]
+    out[t0 + n - tail : t0 + n] = src[b0 + n - tail : b0 + n]
+    return True
 
 
 class _Assembly:
@@ -220,6 +261,7 @@ class _Assembly:
         copy: bool,
         threads: anyio.CapacityLimiter | None = None,
         across_blocks: bool = True,
+        place_files: bool = False,
     ) -> None:
         self.plan = plan
         self.threads = threads
@@ -248,6 +290,16 @@ class _Assembly:
         self.reserved = 0  # bytes of output arrays allocated and not yet delivered
         self.held = 0  # bytes of the last array delivered: the consumer still holds it
         self.outs: dict[int, np.ndarray] = {}
+        # place_files: blocks mapped into their slots may be mapped on into the owned arrays
+        # too (see _place); each array then starts at its tensor's first byte's page offset.
+        self.leads: dict[int, int] = {}
+        if place_files:
+            for bp in plan.blocks:
+                for seg in bp.segments:
+                    if seg.tensor_start == 0 and not self.leased[seg.tensor]:
+                        lead = (bp.block.key_offset + seg.block_start) % mmap.PAGESIZE
+                        if lead % 8 == 0:  # keeps every dtype aligned
+                            self.leads[seg.tensor] = lead
         self.remaining = list(plan.pieces)
         self.res_waiters: dict[int, anyio.Event] = {}
         self.ready: deque[tuple[int, np.ndarray, Lease | None]] = deque()
@@ -269,7 +321,7 @@ class _Assembly:
             # next to the array the consumer was handed last (while it holds it).
             if self.reserved + self.held + size > self.allowance:
                 return False
-        self.outs[ti] = self.outputs.array(size)
+        self.outs[ti] = self.outputs.array(size, self.leads.get(ti))
         self.reserved += size
         self.next_res += 1
         ev = self.res_waiters.pop(ti, None)  # other blocks of this tensor waiting for it
@@ -372,7 +424,7 @@ class _Assembly:
     # -- one block -----------------------------------------------------------------
     async def on_block(self, bp: BlockPlan, slot: Slot) -> None:
         try:
-            jobs: list[tuple[np.ndarray, int, np.ndarray, int, int]] = []
+            jobs: list[Job] = []
             done: list[Segment] = []
             for seg in bp.segments:
                 ti = seg.tensor
@@ -382,7 +434,8 @@ class _Assembly:
                 if not self.try_reserve(ti):
                     await self._flush(jobs, done)
                     await self.reserve(ti)
-                jobs.append((self.outs[ti], seg.tensor_start, slot.memory, seg.block_start, seg.length))
+                file = slot.file if ti in self.leads else None
+                jobs.append((self.outs[ti], seg.tensor_start, slot.memory, seg.block_start, seg.length, file))
                 done.append(seg)
             await self._flush(jobs, done)
         finally:
@@ -434,7 +487,12 @@ class TensorStream:
         self._spawn = spawn
         # A striped manifest's reader takes slots a stripe at a time, not in block order.
         self._asm = _Assembly(
-            plan, reader.ring, copy=copy, threads=reader.threads, across_blocks=not reader.stripes
+            plan,
+            reader.ring,
+            copy=copy,
+            threads=reader.threads,
+            across_blocks=not reader.stripes,
+            place_files=reader.maps_files,
         )
         self._on_finish = on_finish
         self._scope: anyio.CancelScope | None = None

@@ -9,6 +9,8 @@ land in pages that are already faulted in.
 from __future__ import annotations
 
 import mmap
+import os
+import weakref
 from collections import deque
 from dataclasses import dataclass
 
@@ -62,15 +64,21 @@ class RingStatistics:
 class Slot:
     """One slot: a fixed view of the ring's memory. ``used`` is how many bytes hold data."""
 
-    __slots__ = ("_free", "_refs", "index", "mapped", "memory", "used")
+    __slots__ = ("_free", "_refs", "file", "index", "memory", "used")
 
     def __init__(self, index: int, memory: np.ndarray) -> None:
         self.index = index
         self.memory = memory  # uint8 view, length = slot size
         self.used = 0
-        self.mapped = False  # shows a file's cached pages (read-only), see Ring.map_file
+        # (fd, offset): the slot shows this file's cached pages from offset (read-only), see
+        # Ring.map_file. The fd is the ring's own (a dup), closed when the slot is remapped.
+        self.file: tuple[int, int] | None = None
         self._refs = 0
         self._free = True
+
+    @property
+    def mapped(self) -> bool:
+        return self.file is not None
 
     def view(self, n: int | None = None) -> memoryview:
         return self.memory.data[: self.used if n is None else n]
@@ -111,6 +119,7 @@ class Ring:
         mirror = self._mirror = self._mirrors.array if self._mirrors is not None else None
         self._memory = mirror[:nbytes] if mirror is not None else ring_memory(nbytes, touch=touch)
         self._slots = [Slot(i, self._memory[i * slot_size : (i + 1) * slot_size]) for i in range(count)]
+        weakref.finalize(self, _close_files, self._slots)  # fds of slots still mapped at the end
         self._free: deque[Slot] = deque(self._slots)
         self._sequential = False
         self._next = 0  # the slot a sequential acquisition takes next
@@ -178,7 +187,9 @@ class Ring:
         assert self._mirrors is not None
         start = slot.index * self.slot_size
         if self._mirrors.map_file(start, nbytes, fd, offset):
-            slot.mapped = True  # (what lies past nbytes may still show an earlier file)
+            # (What lies past nbytes may still show an earlier file: writable() restores it all.)
+            _close_file(slot)
+            slot.file = (os.dup(fd), offset)
         elif slot.mapped:  # refused: an earlier file may still show past nbytes
             self.writable(slot)
         return slot.mapped
@@ -188,7 +199,7 @@ class Ring:
         if slot.mapped:
             assert self._mirrors is not None
             self._mirrors.restore(slot.index * self.slot_size, self.slot_size)
-            slot.mapped = False
+            _close_file(slot)
 
     # -- synchronous state machine -------------------------------------------------
     def try_acquire(self) -> Slot | None:
@@ -303,3 +314,14 @@ class Ring:
             acquisitions=self._acquisitions,
             peak_slots_in_use=self._peak,
         )
+
+
+def _close_file(slot: Slot) -> None:
+    if slot.file is not None:
+        fd, slot.file = slot.file[0], None
+        os.close(fd)
+
+
+def _close_files(slots: list[Slot]) -> None:
+    for slot in slots:
+        _close_file(slot)

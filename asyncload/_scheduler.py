@@ -323,11 +323,8 @@ class BlockReader:
         ring = self.ring
         if (
             slot is not None
-            and self.limits.map_files
+            and self.maps_files
             and source.supports_mapping
-            and self.cipher is None
-            and self.overhead == 0
-            and ring.mappable
             and offset % mmap.PAGESIZE == 0
             and await source.map_into(key, offset, len(buf), partial(ring.map_file, slot))
         ):
@@ -336,6 +333,18 @@ class BlockReader:
         if slot is not None:
             ring.writable(slot)
         return await source.read_into(key, offset, buf)
+
+    @property
+    def maps_files(self) -> bool:
+        """Whether blocks may be mapped into their slots (plain stored bytes from a source that
+        can, a ring that can)."""
+        return (
+            self.limits.map_files
+            and self.cipher is None
+            and self.overhead == 0
+            and self.ring.mappable
+            and any(s.supports_mapping for s in self.sources.values())
+        )
 
     def _lags(self, source_id: str) -> bool:
         """Whether a source is marked slow, or its pace now looks far slower than its peers'."""

@@ -248,3 +248,85 @@ async def test_encrypted_blocks_are_read_never_mapped(tmp_path: pathlib.Path) ->
         _warm(f)
     got, stats = await _stream(path, copy=False, budget=8 * 16 * KiB, key=key)
     assert got == want and stats.mapped_blocks == 0  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- owned arrays
+
+
+def _backing(arr: np.ndarray, at: int) -> str:
+    """What /proc/self/maps says is mapped at byte ``at`` of ``arr``: a file path, or ''."""
+    addr = arr.ctypes.data + at
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= addr < hi:
+                return fields[5].strip() if len(fields) > 5 else ""
+    raise AssertionError("address not mapped")
+
+
+async def _save_big(tmp_path: pathlib.Path) -> tuple[pathlib.Path, dict[str, bytes]]:
+    """Tensors of 1-3 MiB over 256 KiB blocks; the first starts 24 bytes into a page."""
+    rng = np.random.default_rng(9)
+    sizes = [24, 3 * MiB + 8, 1 * MiB + 4096, 2 * MiB + 40, 1000]
+    tensors = {f"t{i}": rng.integers(0, 256, size=n, dtype=np.uint8) for i, n in enumerate(sizes)}
+    path = await asyncload.save(
+        tensors, tmp_path / "m.json", sources=[tmp_path / "a", tmp_path / "b"], block_size=256 * KiB
+    )
+    return path, {n: t.tobytes() for n, t in tensors.items()}
+
+
+MiB = 1 << 20
+
+
+@pytest.mark.anyio
+async def test_owned_arrays_take_mapped_blocks_copy_on_write(tmp_path: pathlib.Path) -> None:
+    """A full load of warm blocks: each large array shows its blocks' file pages (private), is
+    exact, writable, and a write stays in the array (the block files keep their bytes)."""
+    path, want = await _save_big(tmp_path)
+    for f in _block_files(tmp_path):
+        _warm(f)
+    async with asyncload.open(path, budget=8 * 256 * KiB) as model:
+        with anyio.fail_after(20):
+            got = await model.load()
+        assert model.statistics().mapped_blocks == model.statistics().blocks_read
+    assert {n: a.tobytes() for n, a in got.items()} == want
+    big = got["t1"]
+    assert big.flags.writeable and big.flags.owndata is False
+    mid = big.nbytes // 2
+    assert _backing(big, mid).startswith(str(tmp_path))  # a block file's pages, not a copy
+    assert _backing(big, 0) == ""  # its first bytes (not a whole page of it) were copied
+    big[mid : mid + 5000] = 7  # copy-on-write: the array changes ...
+    assert (big[mid : mid + 5000] == 7).all()
+    assert _backing(got["t2"], got["t2"].nbytes // 2).startswith(str(tmp_path))
+    # ... the files do not: a second load still gets (and checks) the stored bytes.
+    async with asyncload.open(path, budget=8 * 256 * KiB) as model:
+        again = await model.load()
+    assert {n: a.tobytes() for n, a in again.items()} == want
+
+
+@pytest.mark.anyio
+async def test_owned_arrays_outlive_the_model_and_the_files(tmp_path: pathlib.Path) -> None:
+    path, want = await _save_big(tmp_path)
+    for f in _block_files(tmp_path):
+        _warm(f)
+    async with asyncload.open(path, budget=8 * 256 * KiB) as model:
+        got = await model.load()
+    for f in _block_files(tmp_path):
+        f.unlink()  # a mapping keeps its file's pages; only truncating a file under it is unsafe
+    assert {n: a.tobytes() for n, a in got.items()} == want
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("how", ["cold", "no-map"])
+async def test_owned_arrays_are_copies_when_blocks_are_read(tmp_path: pathlib.Path, how: str) -> None:
+    path, want = await _save_big(tmp_path)
+    for f in _block_files(tmp_path):
+        (_evict if how == "cold" else _warm)(f)
+    async with asyncload.open(path, budget=8 * 256 * KiB, map_files=how != "no-map") as model:
+        got = await model.load()
+        assert model.statistics().mapped_blocks == 0
+    assert {n: a.tobytes() for n, a in got.items()} == want
+    for a in got.values():
+        if a.nbytes >= MiB:
+            assert _backing(a, a.nbytes // 2) == ""

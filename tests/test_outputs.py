@@ -95,8 +95,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, dict[
 async def test_a_dropping_consumer_gets_recycled_memory_with_exact_bytes(
     store: tuple[pathlib.Path, dict[str, np.ndarray]],
 ) -> None:
+    """Blocks read, not mapped (as from a remote source): arrays go back to the pool."""
     path, tensors = store
-    async with asyncload.open(path, budget=8 * MiB) as model:
+    async with asyncload.open(path, budget=8 * MiB, map_files=False) as model:
         async with model.stream() as s:
             async for name, arr in s:
                 assert np.array_equal(arr, tensors[name]), name
@@ -106,15 +107,19 @@ async def test_a_dropping_consumer_gets_recycled_memory_with_exact_bytes(
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(keep=st.lists(st.sampled_from(["drop", "slice", "whole", "view"]), min_size=24, max_size=24))
+@given(
+    keep=st.lists(st.sampled_from(["drop", "slice", "whole", "view"]), min_size=24, max_size=24),
+    map_files=st.booleans(),
+)
 def test_whatever_the_consumer_keeps_stays_byte_identical(
-    store: tuple[pathlib.Path, dict[str, np.ndarray]], keep: list[str]
+    store: tuple[pathlib.Path, dict[str, np.ndarray]], keep: list[str], map_files: bool
 ) -> None:
+    """Recycled memory (blocks read) or file pages placed copy-on-write (blocks mapped)."""
     path, tensors = store
 
     async def run() -> dict[str, np.ndarray]:
         kept: dict[str, np.ndarray] = {}
-        async with asyncload.open(path, budget=8 * MiB) as model:
+        async with asyncload.open(path, budget=8 * MiB, map_files=map_files) as model:
             async with model.stream() as s:
                 i = 0
                 async for name, arr in s:
