@@ -319,20 +319,31 @@ class BlockReader:
         source that supports it, at a page-aligned offset into a ring that can
         (:meth:`Ring.map_file`), while the page cache holds every page. A slot
         still showing an earlier file's pages gets its own memory back first.
+        A block that had to be read (not cached) is in the page cache afterwards:
+        it is mapped over its slot then, so owned arrays can take its pages
+        instead of copies (see ``_assemble._place``; the copy into fresh memory,
+        not the disk, set the pace of a cold full load).
         """
         ring = self.ring
-        if (
-            slot is not None
-            and self.maps_files
-            and source.supports_mapping
-            and offset % mmap.PAGESIZE == 0
-            and await source.map_into(key, offset, len(buf), partial(ring.map_file, slot))
-        ):
-            self._mapped += 1
-            return len(buf)
+        mappable = (
+            slot is not None and self.maps_files and source.supports_mapping and offset % mmap.PAGESIZE == 0
+        )
+        if mappable:
+            assert slot is not None
+            if await source.map_into(key, offset, len(buf), partial(ring.map_file, slot)):
+                self._mapped += 1
+                return len(buf)
         if slot is not None:
             ring.writable(slot)
-        return await source.read_into(key, offset, buf)
+        n = await source.read_into(key, offset, buf)
+        if mappable and n == len(buf):
+            assert slot is not None
+            try:
+                if await source.map_into(key, offset, n, partial(ring.map_file, slot), counted=False):
+                    self._mapped += 1
+            except (SourceError, OSError):
+                ring.writable(slot)  # the file went since: the bytes read are still in the slot
+        return n
 
     @property
     def maps_files(self) -> bool:

@@ -60,7 +60,13 @@ class Source(ABC):
         """
 
     async def map_into(
-        self, key: str, offset: int, nbytes: int, place: Callable[[int, int, int], bool]
+        self,
+        key: str,
+        offset: int,
+        nbytes: int,
+        place: Callable[[int, int, int], bool],
+        *,
+        counted: bool = True,
     ) -> bool:
         """Offer ``nbytes`` of ``key`` from ``offset`` to be mapped instead of read (zero copy).
 
@@ -69,6 +75,7 @@ class Source(ABC):
         is at least ``offset + nbytes`` long, and returns what ``place`` returned.
         False (the default, and the answer of every source without
         ``supports_mapping``): nothing was placed, read the bytes with :meth:`read_into`.
+        ``counted=False``: the bytes were just read (and counted) already.
         """
         return False
 

@@ -266,13 +266,21 @@ class LocalSource(Source):
             os.close(fd)
 
     async def map_into(
-        self, key: str, offset: int, nbytes: int, place: Callable[[int, int, int], bool]
+        self,
+        key: str,
+        offset: int,
+        nbytes: int,
+        place: Callable[[int, int, int], bool],
+        *,
+        counted: bool = True,
     ) -> bool:
         """Hand ``place`` the open file of ``key`` (see :meth:`Source.map_into`), in a worker thread.
 
         The fd is opened as for a read (confined to the root, regular files only)
         and closed on return; a mapping made from it stays valid without it.
         """
+        if not counted:
+            return await run_sync(self._map_sync, key, offset, nbytes, place, limiter=self.threads)
 
         async def run() -> int:
             placed = await run_sync(self._map_sync, key, offset, nbytes, place, limiter=self.threads)
