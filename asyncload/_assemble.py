@@ -218,7 +218,7 @@ def lease_spans(plan: LoadPlan, ring: Ring, *, copy: bool, across_blocks: bool =
 
 # One piece of a tensor to assemble: out[t0 : t0 + n] = src[b0 : b0 + n], where src is a slot's
 # memory, which may show a file's pages: (fd, offset of src[0] in the file), else None.
-Job = tuple[np.ndarray, int, np.ndarray, int, int, "tuple[int, int] | None"]
+Job = tuple[np.ndarray, int, np.ndarray, int, int, tuple[int, int] | None]
 
 
 def _copy_segments(jobs: list[Job]) -> None:
@@ -292,11 +292,17 @@ class _Assembly:
         self.outs: dict[int, np.ndarray] = {}
         # place_files: blocks mapped into their slots may be mapped on into the owned arrays
         # too (see _place); each array then starts at its tensor's first byte's page offset.
+        # Only arrays with a mapping of their own: never pages of numpy's malloc heap.
         self.leads: dict[int, int] = {}
         if place_files:
             for bp in plan.blocks:
                 for seg in bp.segments:
-                    if seg.tensor_start == 0 and not self.leased[seg.tensor]:
+                    t = seg.tensor
+                    if (
+                        seg.tensor_start == 0
+                        and not self.leased[t]
+                        and tensors[t].nbytes >= OWN_MAPPING_BYTES
+                    ):
                         lead = (bp.block.key_offset + seg.block_start) % mmap.PAGESIZE
                         if lead % 8 == 0:  # keeps every dtype aligned
                             self.leads[seg.tensor] = lead

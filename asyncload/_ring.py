@@ -189,7 +189,10 @@ class Ring:
         if self._mirrors.map_file(start, nbytes, fd, offset):
             # (What lies past nbytes may still show an earlier file: writable() restores it all.)
             _close_file(slot)
-            slot.file = (os.dup(fd), offset)
+            try:
+                slot.file = (os.dup(fd), offset)
+            except OSError:  # out of file descriptors (a ring of many slots): read it instead
+                self._mirrors.restore(start, self.slot_size)
         elif slot.mapped:  # refused: an earlier file may still show past nbytes
             self.writable(slot)
         return slot.mapped

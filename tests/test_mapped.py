@@ -270,7 +270,7 @@ def _backing(arr: np.ndarray, at: int) -> str:
 async def _save_big(tmp_path: pathlib.Path) -> tuple[pathlib.Path, dict[str, bytes]]:
     """Tensors of 1-3 MiB over 256 KiB blocks; the first starts 24 bytes into a page."""
     rng = np.random.default_rng(9)
-    sizes = [24, 3 * MiB + 8, 1 * MiB + 4096, 2 * MiB + 40, 1000]
+    sizes = [24, 3 * MiB + 8, 1 * MiB + 4096, 2 * MiB + 40, 1000, 700 * KiB + 16]
     tensors = {f"t{i}": rng.integers(0, 256, size=n, dtype=np.uint8) for i, n in enumerate(sizes)}
     path = await asyncload.save(
         tensors, tmp_path / "m.json", sources=[tmp_path / "a", tmp_path / "b"], block_size=256 * KiB
@@ -301,6 +301,8 @@ async def test_owned_arrays_take_mapped_blocks_copy_on_write(tmp_path: pathlib.P
     big[mid : mid + 5000] = 7  # copy-on-write: the array changes ...
     assert (big[mid : mid + 5000] == 7).all()
     assert _backing(got["t2"], got["t2"].nbytes // 2).startswith(str(tmp_path))
+    small = got["t5"]  # under 1 MiB: numpy's own memory, never a place for file pages
+    assert not _backing(small, small.nbytes // 2).startswith(str(tmp_path))
     # ... the files do not: a second load still gets (and checks) the stored bytes.
     async with asyncload.open(path, budget=8 * 256 * KiB) as model:
         again = await model.load()
@@ -334,6 +336,27 @@ async def test_owned_arrays_take_the_pages_of_blocks_read_from_the_disk(tmp_path
     assert sum(s.mapped_reads for s in stats.sources.values()) == 0
     assert stats.mapped_blocks == stats.blocks_read
     assert _backing(got["t1"], got["t1"].nbytes // 2).startswith(str(tmp_path))
+
+
+@pytest.mark.anyio
+async def test_out_of_file_descriptors_blocks_are_read_instead(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mapped slot keeps a dup of its file's fd; where none is left, the block is read."""
+    from asyncload import _ring
+
+    path, want = await _save_big(tmp_path)
+    for f in _block_files(tmp_path):
+        _warm(f)
+
+    def dup(fd: int) -> int:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(_ring.os, "dup", dup)
+    async with asyncload.open(path, budget=8 * 256 * KiB) as model:
+        got = await model.load()
+        assert model.statistics().mapped_blocks == 0
+    assert {n: a.tobytes() for n, a in got.items()} == want
 
 
 @pytest.mark.anyio
