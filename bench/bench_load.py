@@ -33,8 +33,8 @@ Why: the ratios to the two baselines say how close asyncload gets to the hardwar
 it beats the obvious library; peak RSS growth checks the bounded-memory promise.
 
 How: every sample runs in a FRESH subprocess, methods are interleaved (order rotated per
-repetition) and medians over --repeat are reported. Warm phase: one untimed read of every file
-first; --cold adds a phase that evicts every file (POSIX_FADV_DONTNEED) before each sample.
+repetition) and medians over --repeat are reported. Warm phase: an untimed read of every file
+before each sample; --cold adds a phase that evicts every file (POSIX_FADV_DONTNEED) before each sample.
 Baseline runners time only the read, after imports; RSS growth is VmHWM after the work minus
 VmRSS before it (HWM reset via /proc/self/clear_refs when permitted). pread-reused allocates
 its buffer before the clock but counts it in RSS growth. A method that fails (asyncload not
@@ -408,12 +408,19 @@ UNAVAILABLE: dict[str, str] = {}  # method -> "unavailable: reason", found once,
 
 
 def run_rounds(
-    tag: str, cmds: dict[str, list[str] | str], repeat: int, timeout: float, cold: list[Path] | None = None
+    tag: str,
+    cmds: dict[str, list[str] | str],
+    repeat: int,
+    timeout: float,
+    cold: list[Path] | None = None,
+    warm: list[Path] | None = None,
 ) -> dict[str, list[Sample]]:
     """`repeat` rounds over `cmds`, each sample a fresh subprocess, order rotated per round.
 
     A str instead of a command is an error recorded for every sample without running anything
-    (pack failed, say). `cold`: files evicted from the page cache before each sample."""
+    (pack failed, say). `cold`: files evicted from the page cache before each sample; `warm`:
+    files read (untimed) before each sample, so that what an earlier sample's memory pushed
+    out of the page cache is back (safetensors.numpy's 8 GiB did, for part of the store)."""
     names = list(cmds)
     samples: dict[str, list[Sample]] = {m: [] for m in names}
     for rep in range(repeat):
@@ -427,6 +434,8 @@ def run_rounds(
             else:
                 if cold is not None:
                     evict(cold)
+                if warm is not None:
+                    warm_up(warm)
                 obj, err, wall = run_cmd(cmd, timeout)
                 if err.startswith("unavailable:"):
                     UNAVAILABLE[name] = err
@@ -443,13 +452,12 @@ def run_phase(
 ) -> dict[str, Any]:
     """All repetitions of one phase ("warm" or "cold"), methods round-robin. `errors`: method ->
     why it cannot run this time (its store failed to pack, say)."""
-    if phase == "warm":
-        warm_up(paths["files"])
     cmds: dict[str, list[str] | str] = {
         m: errors.get(m) or sample_cmd(m, paths["st"], paths["manifest"], args.budget) for m in methods
     }
     cold = paths["files"] if phase == "cold" else None
-    samples = run_rounds(phase, cmds, args.repeat, args.timeout, cold)
+    warm = paths["files"] if phase == "warm" else None
+    samples = run_rounds(phase, cmds, args.repeat, args.timeout, cold, warm)
     medians = {m: summarize(s) for m, s in samples.items()}
     size_gb = paths["ck"]["file_bytes"] / 1e9
     title = f"{phase} page cache, median of {args.repeat} ({size_gb:.2f} GB, budget {args.budget})"
