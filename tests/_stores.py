@@ -1,9 +1,11 @@
-"""Shared helpers for the behavioural tests: real block stores on disk and condition waits."""
+"""Shared helpers for the behavioural tests: real block stores on disk, the page cache, and
+condition waits."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
 
@@ -67,6 +69,39 @@ def source_dir(path: pathlib.Path, source_id: str) -> pathlib.Path:
     loc = next(s["location"] for s in doc["sources"] if s["id"] == source_id)
     base = pathlib.Path(loc)
     return base if base.is_absolute() else path.parent / base
+
+
+def random_bytes(n: int, seed: int = 0) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, size=n, dtype=np.uint8).tobytes()
+
+
+def write_synced(path: pathlib.Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` and fsync it: its pages are clean, so :func:`evict` drops them."""
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def evict(path: pathlib.Path) -> None:
+    """Drop ``path``'s clean pages from the page cache (``POSIX_FADV_DONTNEED``, no root needed)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def warm(path: pathlib.Path) -> None:
+    """Bring every page of ``path`` into the page cache."""
+    path.read_bytes()
+
+
+def block_files(root: pathlib.Path) -> list[pathlib.Path]:
+    """Every stored file under ``root`` (blocks of the source directories; not manifests)."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix != ".json")
 
 
 def data_blocks(m: Manifest) -> list[BlockRef]:

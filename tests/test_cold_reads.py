@@ -17,6 +17,7 @@ import anyio
 import anyio.lowlevel
 import numpy as np
 import pytest
+from _stores import evict, random_bytes, write_synced
 
 from asyncload.sources import LocalSource, _local
 
@@ -28,33 +29,10 @@ pytestmark = [
 MiB = 1 << 20
 
 
-def _store(root: pathlib.Path, name: str, data: bytes) -> None:
-    root.mkdir(exist_ok=True)
-    path = root / name
-    path.write_bytes(data)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _evict(path: pathlib.Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def _data(n: int, seed: int = 0) -> bytes:
-    return np.random.default_rng(seed).integers(0, 256, size=n, dtype=np.uint8).tobytes()
-
-
 async def test_a_cold_read_waits_for_the_disk_in_an_io_thread(tmp_path: pathlib.Path) -> None:
-    data = _data(8 * MiB + 123)
-    _store(tmp_path, "blk", data)
-    _evict(tmp_path / "blk")
+    data = random_bytes(8 * MiB + 123)
+    write_synced(tmp_path / "blk", data)
+    evict(tmp_path / "blk")
     src = LocalSource("s", tmp_path)
     buf = bytearray(len(data))
     assert await src.read_into("blk", 0, memoryview(buf)) == len(data)
@@ -67,8 +45,8 @@ async def test_a_cold_read_waits_for_the_disk_in_an_io_thread(tmp_path: pathlib.
 
 
 async def test_a_warm_read_never_needs_an_io_thread(tmp_path: pathlib.Path) -> None:
-    data = _data(3 * MiB, 1)
-    _store(tmp_path, "blk", data)
+    data = random_bytes(3 * MiB, 1)
+    write_synced(tmp_path / "blk", data)
     (tmp_path / "blk").read_bytes()  # cached
     src = LocalSource("s", tmp_path)
     buf = bytearray(4 * MiB)  # longer than the file: a short read at its end is not a miss
@@ -82,12 +60,12 @@ async def test_a_warm_read_never_needs_an_io_thread(tmp_path: pathlib.Path) -> N
 
 
 async def test_ranged_reads_of_a_partly_cached_file_are_exact(tmp_path: pathlib.Path) -> None:
-    data = _data(6 * MiB + 7, 2)
-    _store(tmp_path, "blk", data)
+    data = random_bytes(6 * MiB + 7, 2)
+    write_synced(tmp_path / "blk", data)
     src = LocalSource("s", tmp_path)
     rng = np.random.default_rng(3)
     for _ in range(20):
-        _evict(tmp_path / "blk")
+        evict(tmp_path / "blk")
         lo = int(rng.integers(0, len(data)))
         n = int(rng.integers(0, len(data) - lo + 1))
         await src.read_into("blk", lo, memoryview(bytearray(n // 2)))  # warm some of it
@@ -99,8 +77,8 @@ async def test_ranged_reads_of_a_partly_cached_file_are_exact(tmp_path: pathlib.
 async def test_a_file_system_without_nonblocking_reads_is_read_plainly(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    data = _data(2 * MiB + 5, 4)
-    _store(tmp_path, "blk", data)
+    data = random_bytes(2 * MiB + 5, 4)
+    write_synced(tmp_path / "blk", data)
     real = os.preadv
     refused: list[int] = []
 
@@ -120,13 +98,13 @@ async def test_a_file_system_without_nonblocking_reads_is_read_plainly(
 
 
 async def test_cancelled_cold_reads_leave_no_file_open(tmp_path: pathlib.Path) -> None:
-    data = _data(4 * MiB, 5)
-    _store(tmp_path, "blk", data)
+    data = random_bytes(4 * MiB, 5)
+    write_synced(tmp_path / "blk", data)
     src = LocalSource("s", tmp_path)
     gc.collect()  # fds that earlier tests' rings hold until collected go now, not mid-count
     before = len(os.listdir("/proc/self/fd"))
     for i in range(10):
-        _evict(tmp_path / "blk")
+        evict(tmp_path / "blk")
         with anyio.CancelScope() as scope:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(src.read_into, "blk", 0, memoryview(bytearray(len(data))))

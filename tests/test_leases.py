@@ -16,6 +16,8 @@ import sys
 import anyio
 import numpy as np
 import pytest
+from _stores import block_files
+from _stores import warm as read_into_cache
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -209,13 +211,6 @@ def test_lease_spans_cover_only_blocks_that_sit_end_to_end(
 # --------------------------------------------------------------------------- end to end
 
 
-def _read_every_file(root: pathlib.Path) -> None:
-    """Bring every block file under ``root`` into the page cache (so loads map them)."""
-    for f in root.rglob("*"):
-        if f.is_file() and f.suffix != ".json":
-            f.read_bytes()
-
-
 async def _lease_all(
     path: pathlib.Path, budget: int, mapped: list[int] | None = None, map_files: bool = True
 ) -> tuple[dict[str, bytes], list[str], list[str], int]:
@@ -264,7 +259,8 @@ async def test_tensors_over_several_blocks_are_leased_as_views_byte_for_byte(
         tensors, tmp_path / "m.json", sources=[tmp_path / "a", tmp_path / "b"], block_size=m
     )
     if warm:
-        _read_every_file(tmp_path)
+        for f in block_files(tmp_path):
+            read_into_cache(f)  # so the load maps them
     mapped: list[int] = []
     got, in_ring, wrapped, in_use = await _lease_all(path, 8 * m, mapped, map_files=warm)
     assert got == {n: t.tobytes() for n, t in tensors.items()}

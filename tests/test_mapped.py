@@ -13,13 +13,16 @@ import mmap
 import os
 import pathlib
 import sys
+from collections.abc import Callable
 
 import anyio
 import numpy as np
 import pytest
+from _stores import KiB, MiB, block_files, block_path, evict, random_bytes, warm, write_synced
 
 import asyncload
 from asyncload import ChecksumError, TruncatedBlockError
+from asyncload._loader import LoaderStatistics
 from asyncload._mirror import Mirror
 from asyncload._ring import Ring
 
@@ -27,32 +30,12 @@ linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="me
 pytestmark = linux_only
 
 PAGE = mmap.PAGESIZE
-KiB = 1 << 10
 
 
-def _file(path: pathlib.Path, data: bytes) -> None:
-    path.write_bytes(data)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # clean pages: an eviction drops them at once
-    finally:
-        os.close(fd)
-
-
-def _evict(path: pathlib.Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def _warm(path: pathlib.Path) -> None:
-    path.read_bytes()
-
-
-def _data(n: int, seed: int) -> bytes:
-    return np.random.default_rng(seed).integers(0, 256, size=n, dtype=np.uint8).tobytes()
+def _prepare_all(root: pathlib.Path, prepare: Callable[[pathlib.Path], None]) -> None:
+    """``warm`` or ``evict`` every block file under ``root``."""
+    for f in block_files(root):
+        prepare(f)
 
 
 # --------------------------------------------------------------------------- the mirror
@@ -66,9 +49,9 @@ def test_a_mapped_range_shows_the_file_in_both_halves_and_restore_brings_the_rin
     assert mirror is not None
     mem = mirror.array
     mem[:n] = 7  # the ring's own bytes
-    data = _data(3 * PAGE, 1)
-    _file(tmp_path / "f", b"x" * PAGE + data)
-    _warm(tmp_path / "f")
+    data = random_bytes(3 * PAGE, 1)
+    write_synced(tmp_path / "f", b"x" * PAGE + data)
+    warm(tmp_path / "f")
     fd = os.open(tmp_path / "f", os.O_RDONLY)
     try:
         assert mirror.map_file(2 * PAGE, 3 * PAGE, fd, PAGE)
@@ -88,8 +71,8 @@ def test_a_range_the_page_cache_does_not_hold_whole_is_not_mapped(tmp_path: path
     mirror = Mirror.create(n)
     assert mirror is not None
     mirror.array[:n] = 5
-    _file(tmp_path / "f", _data(4 * PAGE, 2))
-    _evict(tmp_path / "f")
+    write_synced(tmp_path / "f", random_bytes(4 * PAGE, 2))
+    evict(tmp_path / "f")
     fd = os.open(tmp_path / "f", os.O_RDONLY)
     try:
         assert not mirror.map_file(0, 4 * PAGE, fd, 0)
@@ -107,10 +90,10 @@ def test_a_refused_mapping_gives_a_slot_its_own_memory_back(tmp_path: pathlib.Pa
     ring = Ring(4 * PAGE, 4, mirrored=True)
     assert ring.mappable
     slot = ring._slots[1]
-    _file(tmp_path / "warm", _data(4 * PAGE, 3))
-    _file(tmp_path / "cold", _data(2 * PAGE, 4))
-    _warm(tmp_path / "warm")
-    _evict(tmp_path / "cold")
+    write_synced(tmp_path / "warm", random_bytes(4 * PAGE, 3))
+    write_synced(tmp_path / "cold", random_bytes(2 * PAGE, 4))
+    warm(tmp_path / "warm")
+    evict(tmp_path / "cold")
     for name, nbytes, mapped in (("warm", 4 * PAGE, True), ("cold", 2 * PAGE, False)):
         fd = os.open(tmp_path / name, os.O_RDONLY)
         try:
@@ -133,11 +116,7 @@ async def _save(tmp_path: pathlib.Path, *, replicas: int = 1, **kw: object) -> t
     path = await asyncload.save(
         tensors, tmp_path / "m.json", sources=dirs, block_size=16 * KiB, replicas=replicas, **kw
     )  # type: ignore[arg-type]
-    return path, {n: t.tobytes() for n, t in tensors.items()}
-
-
-def _block_files(tmp_path: pathlib.Path) -> list[pathlib.Path]:
-    return sorted(p for d in ("a", "b") for p in (tmp_path / d).rglob("*") if p.is_file())
+    return pathlib.Path(path), {n: t.tobytes() for n, t in tensors.items()}
 
 
 async def _stream(path: pathlib.Path, *, copy: bool, budget: int, **kw: object) -> tuple[dict, object]:
@@ -156,8 +135,7 @@ async def _stream(path: pathlib.Path, *, copy: bool, budget: int, **kw: object) 
 @pytest.mark.parametrize("copy", [False, True])
 async def test_warm_blocks_are_mapped_and_every_byte_is_exact(tmp_path: pathlib.Path, copy: bool) -> None:
     path, want = await _save(tmp_path)
-    for f in _block_files(tmp_path):
-        _warm(f)
+    _prepare_all(tmp_path, warm)
     got, stats = await _stream(path, copy=copy, budget=4 * 16 * KiB)
     assert got == want
     assert stats.mapped_blocks == stats.blocks_read > 0  # type: ignore[attr-defined]
@@ -173,9 +151,9 @@ async def test_cold_and_warm_blocks_share_slots_byte_for_byte(tmp_path: pathlib.
     and a read never lands in (or faults on) pages of a file mapped there before. A block read
     from the disk is in the page cache afterwards, and mapped over its slot then."""
     path, want = await _save(tmp_path)
-    files = _block_files(tmp_path)
+    files = block_files(tmp_path)
     for i, f in enumerate(files):
-        (_evict if i % 2 else _warm)(f)
+        (evict if i % 2 else warm)(f)
     got, stats = await _stream(path, copy=copy, budget=3 * 16 * KiB)
     assert got == want
     uncached = sum(s.uncached_reads for s in stats.sources.values())  # type: ignore[attr-defined]
@@ -189,11 +167,9 @@ async def test_a_truncated_block_file_is_refused_not_mapped(tmp_path: pathlib.Pa
     path, _ = await _save(tmp_path)
     async with asyncload.open(path) as probe:
         block = next(b for b in probe.manifest.blocks if b.length == 16 * KiB)
-        src = next(s for s in probe.manifest.sources if s.id == block.source)
-    victim = pathlib.Path(src.location) / block.key
+    victim = block_path(path, block)
     os.truncate(victim, PAGE + 10)  # a page past the new end would be SIGBUS if it were mapped
-    for f in _block_files(tmp_path):
-        _warm(f)  # the blocks before it are mapped into the two slots it may land in
+    _prepare_all(tmp_path, warm)  # the blocks before it are mapped into the two slots it may land in
     with pytest.raises(TruncatedBlockError, match=f"block {block.index} "):
         await _stream(path, copy=False, budget=2 * 16 * KiB)
 
@@ -206,8 +182,7 @@ async def test_a_source_that_cannot_map_reads_into_slots_that_showed_a_file(
     from asyncload.testing._wrapper import WrappedSource
 
     path, want = await _save(tmp_path)
-    for f in _block_files(tmp_path):
-        _warm(f)
+    _prepare_all(tmp_path, warm)
 
     def wrap(src: asyncload.sources.Source) -> asyncload.sources.Source:
         return WrappedSource(src) if src.id == "s1" else src  # reads only, like a remote source
@@ -225,13 +200,11 @@ async def test_a_corrupt_block_file_under_a_mapping_is_refused_or_read_from_its_
     path, want = await _save(tmp_path, replicas=replicas)
     async with asyncload.open(path) as probe:
         block = probe.manifest.blocks[2]
-        src = next(s for s in probe.manifest.sources if s.id == block.source)
-    victim = pathlib.Path(src.location) / block.key
+    victim = block_path(path, block)
     raw = bytearray(victim.read_bytes())
     raw[100] ^= 0xFF
     victim.write_bytes(bytes(raw))
-    for f in _block_files(tmp_path):
-        _warm(f)  # every block (the corrupt one too) is mapped, then checked
+    _prepare_all(tmp_path, warm)  # every block (the corrupt one too) is mapped, then checked
     if replicas == 1:
         with pytest.raises(ChecksumError, match=f"block {block.index} "):
             await _stream(path, copy=False, budget=4 * 16 * KiB)
@@ -246,8 +219,7 @@ async def test_a_corrupt_block_file_under_a_mapping_is_refused_or_read_from_its_
 async def test_encrypted_blocks_are_read_never_mapped(tmp_path: pathlib.Path) -> None:
     key = bytes(range(32))
     path, want = await _save(tmp_path, key=key)
-    for f in _block_files(tmp_path):
-        _warm(f)
+    _prepare_all(tmp_path, warm)
     got, stats = await _stream(path, copy=False, budget=8 * 16 * KiB, key=key)
     assert got == want and stats.mapped_blocks == 0  # type: ignore[attr-defined]
 
@@ -278,7 +250,12 @@ async def _save_big(tmp_path: pathlib.Path) -> tuple[pathlib.Path, dict[str, byt
     return path, {n: t.tobytes() for n, t in tensors.items()}
 
 
-MiB = 1 << 20
+async def _load_big(path: pathlib.Path, **kw: object) -> tuple[dict[str, np.ndarray], LoaderStatistics]:
+    """``model.load()`` of a store from :func:`_save_big` (8 slots), and the model's statistics."""
+    async with asyncload.open(path, budget=8 * 256 * KiB, **kw) as model:  # type: ignore[arg-type]
+        with anyio.fail_after(20):
+            got = await model.load()
+        return got, model.statistics()
 
 
 @pytest.mark.anyio
@@ -286,12 +263,9 @@ async def test_owned_arrays_take_mapped_blocks_copy_on_write(tmp_path: pathlib.P
     """A full load of warm blocks: each large array shows its blocks' file pages (private), is
     exact, writable, and a write stays in the array (the block files keep their bytes)."""
     path, want = await _save_big(tmp_path)
-    for f in _block_files(tmp_path):
-        _warm(f)
-    async with asyncload.open(path, budget=8 * 256 * KiB) as model:
-        with anyio.fail_after(20):
-            got = await model.load()
-        assert model.statistics().mapped_blocks == model.statistics().blocks_read
+    _prepare_all(tmp_path, warm)
+    got, stats = await _load_big(path)
+    assert stats.mapped_blocks == stats.blocks_read
     assert {n: a.tobytes() for n, a in got.items()} == want
     big = got["t1"]
     assert big.flags.writeable and big.flags.owndata is False
@@ -304,19 +278,16 @@ async def test_owned_arrays_take_mapped_blocks_copy_on_write(tmp_path: pathlib.P
     small = got["t5"]  # under 1 MiB: numpy's own memory, never a place for file pages
     assert not _backing(small, small.nbytes // 2).startswith(str(tmp_path))
     # ... the files do not: a second load still gets (and checks) the stored bytes.
-    async with asyncload.open(path, budget=8 * 256 * KiB) as model:
-        again = await model.load()
+    again, _ = await _load_big(path)
     assert {n: a.tobytes() for n, a in again.items()} == want
 
 
 @pytest.mark.anyio
 async def test_owned_arrays_outlive_the_model_and_the_files(tmp_path: pathlib.Path) -> None:
     path, want = await _save_big(tmp_path)
-    for f in _block_files(tmp_path):
-        _warm(f)
-    async with asyncload.open(path, budget=8 * 256 * KiB) as model:
-        got = await model.load()
-    for f in _block_files(tmp_path):
+    _prepare_all(tmp_path, warm)
+    got, _ = await _load_big(path)
+    for f in block_files(tmp_path):
         f.unlink()  # a mapping keeps its file's pages; only truncating a file under it is unsafe
     assert {n: a.tobytes() for n, a in got.items()} == want
 
@@ -326,11 +297,8 @@ async def test_owned_arrays_take_the_pages_of_blocks_read_from_the_disk(tmp_path
     """Cold blocks are read (in I/O threads), then mapped over their slots from the page cache,
     and the arrays take those pages as they take warm ones."""
     path, want = await _save_big(tmp_path)
-    for f in _block_files(tmp_path):
-        _evict(f)
-    async with asyncload.open(path, budget=8 * 256 * KiB) as model:
-        got = await model.load()
-        stats = model.statistics()
+    _prepare_all(tmp_path, evict)
+    got, stats = await _load_big(path)
     assert {n: a.tobytes() for n, a in got.items()} == want
     assert sum(s.uncached_reads for s in stats.sources.values()) == stats.blocks_read
     assert sum(s.mapped_reads for s in stats.sources.values()) == 0
@@ -346,27 +314,23 @@ async def test_out_of_file_descriptors_blocks_are_read_instead(
     from asyncload import _ring
 
     path, want = await _save_big(tmp_path)
-    for f in _block_files(tmp_path):
-        _warm(f)
+    _prepare_all(tmp_path, warm)
 
     def dup(fd: int) -> int:
         raise OSError(24, "Too many open files")
 
     monkeypatch.setattr(_ring.os, "dup", dup)
-    async with asyncload.open(path, budget=8 * 256 * KiB) as model:
-        got = await model.load()
-        assert model.statistics().mapped_blocks == 0
+    got, stats = await _load_big(path)
+    assert stats.mapped_blocks == 0
     assert {n: a.tobytes() for n, a in got.items()} == want
 
 
 @pytest.mark.anyio
 async def test_without_map_files_owned_arrays_are_copies(tmp_path: pathlib.Path) -> None:
     path, want = await _save_big(tmp_path)
-    for f in _block_files(tmp_path):
-        _warm(f)
-    async with asyncload.open(path, budget=8 * 256 * KiB, map_files=False) as model:
-        got = await model.load()
-        assert model.statistics().mapped_blocks == 0
+    _prepare_all(tmp_path, warm)
+    got, stats = await _load_big(path, map_files=False)
+    assert stats.mapped_blocks == 0
     assert {n: a.tobytes() for n, a in got.items()} == want
     for a in got.values():
         if a.nbytes >= MiB:
