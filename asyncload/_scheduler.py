@@ -324,20 +324,16 @@ class BlockReader:
         instead of copies (see ``_assemble._place``; the copy into fresh memory,
         not the disk, set the pace of a cold full load).
         """
+        if slot is None:
+            return await source.read_into(key, offset, buf)
         ring = self.ring
-        mappable = (
-            slot is not None and self.maps_files and source.supports_mapping and offset % mmap.PAGESIZE == 0
-        )
-        if mappable:
-            assert slot is not None
-            if await source.map_into(key, offset, len(buf), partial(ring.map_file, slot)):
-                self._mapped += 1
-                return len(buf)
-        if slot is not None:
-            ring.writable(slot)
+        mappable = self.maps_files and source.supports_mapping and offset % mmap.PAGESIZE == 0
+        if mappable and await source.map_into(key, offset, len(buf), partial(ring.map_file, slot)):
+            self._mapped += 1
+            return len(buf)
+        ring.writable(slot)
         n = await source.read_into(key, offset, buf)
         if mappable and n == len(buf):
-            assert slot is not None
             try:
                 if await source.map_into(key, offset, n, partial(ring.map_file, slot), counted=False):
                     self._mapped += 1

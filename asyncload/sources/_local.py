@@ -279,13 +279,13 @@ class LocalSource(Source):
         The fd is opened as for a read (confined to the root, regular files only)
         and closed on return; a mapping made from it stays valid without it.
         """
-        if not counted:
-            return await run_sync(self._map_sync, key, offset, nbytes, place, limiter=self.threads)
 
         async def run() -> int:
             placed = await run_sync(self._map_sync, key, offset, nbytes, place, limiter=self.threads)
             return nbytes if placed else 0
 
+        if not counted:
+            return bool(await run())
         n = await self._counted(run)
         if n:
             self._reads += 1
