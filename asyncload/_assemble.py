@@ -41,7 +41,7 @@ from ._mirror import map_private
 from ._plan import BlockPlan, LoadPlan, Segment
 from ._ring import Ring, Slot
 from ._scheduler import INLINE_BYTES, BlockReader, unwrap_group
-from ._threads import lower_this_thread, run_sync
+from ._threads import Workers, lower_this_thread, run_sync
 
 __all__ = ["AssemblyStatistics", "TensorStream"]
 
@@ -259,7 +259,7 @@ class _Assembly:
         ring: Ring,
         *,
         copy: bool,
-        threads: anyio.CapacityLimiter | None = None,
+        threads: Workers | None = None,
         across_blocks: bool = True,
         place_files: bool = False,
     ) -> None:
@@ -453,7 +453,7 @@ class _Assembly:
         if sum(j[4] for j in jobs) <= INLINE_BYTES:
             _copy_segments(jobs)
         else:
-            await run_sync(_copy_segments, list(jobs), limiter=self.threads)
+            await run_sync(_copy_segments, list(jobs), workers=self.threads)
         for seg in done:
             self.remaining[seg.tensor] -= 1
             if self.remaining[seg.tensor] == 0:

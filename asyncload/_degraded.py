@@ -294,7 +294,7 @@ async def decode_stripe(
             stored = reader.block_table[stripe.blocks[pos]].length + reader.overhead
             np.frombuffer(view, dtype=np.uint8)[stored:] = 0
     code = ErasureCode(n, len(stripe.parity))
-    await run_sync(decode_into, code, have, out, limiter=reader.threads)
+    await run_sync(decode_into, code, have, out, workers=reader.threads)
 
 
 async def run_striped(

@@ -40,7 +40,7 @@ from ._exceptions import (
 )
 from ._format import BlockRef, Manifest, Stripe
 from ._ring import Ring, Slot
-from ._threads import run_sync
+from ._threads import Workers, run_sync
 from .sources import Source
 
 if TYPE_CHECKING:
@@ -61,11 +61,11 @@ def crc32c_of(data: memoryview) -> int:
     return int(_crc32c.crc32c(data))
 
 
-async def checksum(data: memoryview, threads: anyio.CapacityLimiter | None = None) -> int:
+async def checksum(data: memoryview, threads: Workers | None = None) -> int:
     """crc32c of ``data``; large buffers are hashed in a worker thread (the GIL is released)."""
     if len(data) <= INLINE_BYTES:
         return crc32c_of(data)
-    return await run_sync(crc32c_of, data, limiter=threads)
+    return await run_sync(crc32c_of, data, workers=threads)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +130,7 @@ class BlockReader:
         ring: Ring,
         sources: Mapping[str, Source],
         limiters: Mapping[str, anyio.CapacityLimiter],
-        threads: anyio.CapacityLimiter | None = None,
+        threads: Workers | None = None,
         cipher: BlockCipher | None = None,
         overhead: int = 0,
         verify_hashes: bool = False,
@@ -179,7 +179,7 @@ class BlockReader:
         ring: Ring,
         sources: Mapping[str, Source],
         limits: Limits,
-        threads: anyio.CapacityLimiter | None = None,
+        threads: Workers | None = None,
         cipher: BlockCipher | None = None,
         overhead: int = 0,
         verify_hashes: bool = False,
@@ -197,7 +197,7 @@ class BlockReader:
         redundant = bool(stripes) or any(b.copies for b in block_table)
         first = 1 if redundant else limits.reads_per_source
         limiters = {k: anyio.CapacityLimiter(first) for k in sources}
-        threads = threads or anyio.CapacityLimiter(limits.threads)
+        threads = threads or Workers(limits.threads)
         return cls(
             ring,
             sources,
@@ -408,7 +408,7 @@ class BlockReader:
         if self.verify_hashes:
             if sha is None:
                 raise AuthenticationError(f"{what} carries no sha256: its signature does not cover its bytes")
-            if await run_sync(sha256_hex, data, limiter=self.threads) != sha:
+            if await run_sync(sha256_hex, data, workers=self.threads) != sha:
                 raise AuthenticationError(f"{what}: SHA-256 differs from the signed manifest (altered)")
 
     def _where(self, block: BlockRef, source_id: str) -> str:
@@ -453,7 +453,7 @@ class BlockReader:
             slot.used = block.length if self.overhead == 0 else stored
         else:
             try:
-                await run_sync(self.cipher.open, block.index, slot.memory, stored, limiter=self.threads)
+                await run_sync(self.cipher.open, block.index, slot.memory, stored, workers=self.threads)
             except DecryptionError as e:
                 raise DecryptionError(f"{self._where(block, source_id)}: {e}") from None
             slot.used = block.length

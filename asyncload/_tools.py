@@ -172,7 +172,7 @@ async def unpack(
 
     async def on_block(block: BlockRef, slot: Slot) -> None:
         try:
-            await run_sync(write_block, block, slot.memory.data[: block.length], limiter=reader.threads)
+            await run_sync(write_block, block, slot.memory.data[: block.length], workers=reader.threads)
         finally:
             ring.release(slot)
         if progress is not None:

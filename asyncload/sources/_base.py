@@ -5,9 +5,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import anyio
+if TYPE_CHECKING:
+    from .._threads import Workers
 
 __all__ = ["Source", "SourceStatistics"]
 
@@ -49,7 +50,7 @@ class Source(ABC):
         self._reads = self._bytes_read = self._writes = self._bytes_written = 0
         self._errors = self._in_flight = 0
         # Worker-thread limiter shared by everything one model or save does; set by the owner.
-        self.threads: anyio.CapacityLimiter | None = None
+        self.threads: Workers | None = None
 
     @abstractmethod
     async def read_into(self, key: str, offset: int, buf: memoryview) -> int:

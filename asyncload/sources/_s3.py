@@ -363,7 +363,7 @@ class S3Source(Source):
                             overflow = True
                             break
                         if n >= _COPY_IN_THREAD:
-                            await run_sync(_copy, buf[done : done + n], view, limiter=self.threads)
+                            await run_sync(_copy, buf[done : done + n], view, workers=self.threads)
                         else:
                             buf[done : done + n] = view
                         done += n
