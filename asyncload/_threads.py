@@ -9,8 +9,8 @@ FIFO queue. A worker that finishes a job takes the next queued one at once;
 the event loop only hears of each result. With anyio's threads under a
 ``CapacityLimiter``, the next job could only start after the loop had run the
 finished job's task, released the limiter and woken the next waiter: with two
-workers on two cores, both sat idle ~20% of a warm leased load waiting for
-that (4 GiB store: 0.72 -> 0.64 s median, interleaved, same minutes).
+workers on two cores, the machine sat idle 0.15 s of a 0.5 s warm leased load
+(4 GiB store); with the pool, 0.08 s (docs/performance.md, *Measured decisions*).
 
 Worker threads run at lower priority (Linux ``setpriority`` on the thread id,
 nice +5 by default, ``ASYNCLOAD_WORKER_NICE`` to change, 0 to disable). On a

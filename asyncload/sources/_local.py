@@ -249,7 +249,7 @@ class LocalSource(Source):
             if done == len(buf) or at_end:
                 return done
             self._uncached += 1
-            if self._io_threads is None:  # made here, on the event loop that reads
+            if self._io_threads is None:  # first read that waits for the disk: a warm store starts none
                 self._io_threads = Workers(IO_THREADS, "asyncload-io")
             return await run_sync(self._fill, fd, key, offset, buf, done, False, workers=self._io_threads)
         finally:
